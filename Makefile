@@ -1,0 +1,29 @@
+# kdray: one command to set up, one to run the main job, one to test.
+PY      ?= python3.11
+VENV    := .venv
+STAMP   := $(VENV)/.kdray-installed
+PYBIN   := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+# Reinstall only when the pins or the project metadata change (a no-op when current).
+$(STAMP): constraints.txt pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11)"; exit 1; }
+	test -x $(PYBIN) || $(PY) -m venv $(VENV)
+	$(PYBIN) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/kdray data synth --out data/synthpose --train 4000 --val 500 --seed 0 --stats
+	$(VENV)/bin/kdray data preview --root data/synthpose --out runs/preview.png
+
+test: setup
+	$(PYBIN) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PYBIN) -m pytest -q
+
+clean:
+	rm -rf runs data/synthpose .pytest_cache

@@ -1,0 +1,74 @@
+"""Config loading: typed, validated before any compute, errors name file + dotted key."""
+import pytest
+
+from kdray.config import (ConfigError, ExperimentConfig, config_hash, flatten, load_config,
+                          to_dict, with_overrides)
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_partial_sections(tmp_path):
+    cfg = load_config(write(tmp_path, "teacher:\n  train:\n    epochs: 3\n"))
+    assert cfg.teacher.train.epochs == 3
+    assert cfg.teacher.train.lr == ExperimentConfig().teacher.train.lr      # untouched sibling
+    # a nested section with its own non-class default keeps it when partly given
+    cfg = load_config(write(tmp_path, "tsd:\n  stage2:\n    train:\n      lr: 0.01\n"))
+    assert cfg.tsd.stage2.train.epochs == 30 and cfg.tsd.stage2.train.lr == 0.01
+    assert cfg.student.model.backbone == "mobilenetv3_small_100"
+
+
+def test_dotted_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["tsd.stage1.alpha=1e-4", "data.input_size=[128, 96]",
+                             "cdkd.etht=[tau, alpha]", "tsd.stage1.feature=false"])
+    assert cfg.tsd.stage1.alpha == 1e-4
+    assert cfg.data.input_size == (128, 96)
+    assert cfg.cdkd.etht == ("tau", "alpha")
+    assert cfg.tsd.stage1.feature is False
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("teacher:\n  trian: {}\n", "teacher.trian", "unknown key"),
+    ("teacher:\n  train:\n    epochs: many\n", "teacher.train.epochs", "expected an integer"),
+    ("teacher:\n  train:\n    epochs: 0\n", "teacher.train.epochs", ">= 1"),
+    ("data:\n  dataset: imagenet\n", "data.dataset", "expected one of"),
+    ("data:\n  input_size: [96]\n", "data.input_size", "expected 2 values"),
+    ("tsd:\n  stage1:\n    feature: 1\n", "tsd.stage1.feature", "true/false"),
+    ("cdkd:\n  sau_kernels: 1-1\n", "cdkd.sau_kernels", "four counts"),
+    ("cdkd:\n  tau_init: 20.0\n", "cdkd.tau_init", "within tau_range"),
+    ("data:\n  flip_prob: 1.5\n", "data.flip_prob", "<= 1.0"),
+])
+def test_bad_values_name_file_and_key(tmp_path, text, key, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg and key in msg and expected in msg
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["tsd.stage1.alpha"])
+
+
+def test_round_trip_flatten_hash(tmp_path):
+    cfg = load_config(None, ["teacher.train.epochs=2"])
+    again = load_config(write(tmp_path, __import__("yaml").safe_dump(to_dict(cfg))))
+    assert again == cfg
+    flat = flatten(cfg)
+    assert flat["teacher.train.epochs"] == 2 and flat["data.input_size"] == [96, 64]
+    assert config_hash(cfg.teacher) == config_hash(again.teacher)
+    assert config_hash(cfg.teacher) != config_hash(cfg.student)
+    changed = with_overrides(cfg, {"cdkd.projectors": 5})
+    assert changed.cdkd.projectors == 5 and cfg.cdkd.projectors == 3
+    with pytest.raises(ConfigError, match="cdkd.nope"):
+        with_overrides(cfg, {"cdkd.nope": 1})
+    with pytest.raises(ConfigError, match="cdkd.projectors"):
+        with_overrides(cfg, {"cdkd.projectors": 99})
