@@ -1,0 +1,1 @@
+"""Data: keypoint tables, readers, crops and the torch dataset."""
