@@ -19,3 +19,21 @@ def real_data() -> Path:
         pytest.fail(f"real sample data not found at {REAL_DATA}: the repository must sit beside "
                     f"a shared/ folder holding data/real (coco, crowdpose, mpii)", pytrace=False)
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A tiny SynthPose set (64 train / 24 val persons), generated once per test session."""
+    from kdray.data.synthpose import generate
+    root = tmp_path_factory.mktemp("synthpose")
+    generate(root, train=64, val=24, seed=0, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(synth_root):
+    """Smoke settings on the tiny set: 64x64 crops, MobileNetV3 nets, 1-epoch stages."""
+    from kdray.config import load_config
+    return load_config(Path(__file__).parents[1] / "configs" / "smoke.yaml", [
+        f"data.root={synth_root}", "teacher.model.backbone=mobilenetv3_small_100",
+        "teacher.train.batch_size=16", "student.train.batch_size=16"])

@@ -1,0 +1,189 @@
+"""The ``kdray`` command (DESIGN.md section 1).
+
+    kdray data synth --out data/synthpose --train 4000 --val 500 --seed 0 [--stats]
+    kdray data preview --root data/synthpose --out preview.png
+    kdray eval --gt ANN.json --pred RESULTS.json --metric coco|crowdpose|pckh [--json]
+    kdray train --config configs/demo_teacher.yaml --out DIR [--stage teacher] [a.b=c ...]
+    kdray predict --model CKPT|models:/NAME@ALIAS IMAGE [--boxes DET.json] --out pose.png
+    kdray registry list | kdray registry show NAME@ALIAS
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _data(args) -> int:
+    if args.data_cmd == "synth":
+        from kdray.data.synthpose import dataset_stats, generate
+        out = generate(args.out, train=args.train, val=args.val, seed=args.seed,
+                       workers=args.workers)
+        print(json.dumps({k: str(v) for k, v in out.items()}))
+        if args.stats:
+            print(json.dumps(dataset_stats(args.out), indent=1))
+        return 0
+    if args.data_cmd == "stats":
+        from kdray.data.synthpose import dataset_stats
+        print(json.dumps(dataset_stats(args.root), indent=1))
+        return 0
+    from kdray.vis import preview_sheet
+    root = Path(args.root)
+    path = preview_sheet(root / args.ann, root / "images", args.out, n=args.n)
+    print(path)
+    return 0
+
+
+def _eval(args) -> int:
+    from kdray.eval.coco import evaluate_file
+    metrics = evaluate_file(args.gt, args.pred, args.metric)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:>10}: {v:.2f}" if isinstance(v, float) else f"{k:>10}: {v}")
+    return 0
+
+
+def _train(args) -> int:
+    from kdray.config import load_config
+    from kdray.eval.complexity import complexity
+    from kdray.stages import build_stage, run_stage, stage_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from kdray.data.keypoints import spec_for
+        from kdray.nn.pose_model import build_pose_model
+        scfg = stage_config(args.stage, cfg)
+        size = cfg.cdkd.low_res_size if args.stage == "cdkd" else cfg.data.input_size
+        model = build_pose_model(scfg.model, spec_for(cfg.data.dataset).num_joints, size,
+                                 cfg.data.split_ratio)
+        print(json.dumps({"stage": args.stage, "backbone": scfg.model.backbone,
+                          "input_size": list(size), **complexity(model, size)}))
+        return 0
+    inputs = {k: v for k, v in (("teacher", args.teacher), ("student", args.student)) if v}
+    out = Path(args.out).resolve()
+    result = run_stage(args.stage, cfg, out, inputs)
+    print(json.dumps({"stage": args.stage, "out": str(out), "metrics": result.metrics}))
+    return 0
+
+
+def _predict(args) -> int:
+    import cv2
+    import numpy as np
+
+    from kdray.data.coco import read_image
+    from kdray.data.keypoints import spec_for
+    from kdray.inference import Predictor, model_from_checkpoint
+    from kdray.vis import draw_pose
+
+    if args.model.startswith("models:/"):
+        from kdray.orchestration.tracking import load_registered
+        module, meta = load_registered(args.model)
+    else:
+        module, meta = model_from_checkpoint(args.model)
+    canvas = read_image(args.image)  # BGR uint8; a clear error naming the file
+    boxes = _boxes_for(args, canvas)
+    keypoints = Predictor(module, meta)(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), boxes)
+    spec = spec_for(meta["dataset"])
+    for kp in keypoints:
+        canvas = draw_pose(canvas, kp, spec)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(args.out), canvas)
+    print(json.dumps({"out": str(args.out), "persons": len(keypoints),
+                      "keypoints": np.round(keypoints, 2).tolist()}))
+    return 0
+
+
+def _boxes_for(args, image):
+    """Detector boxes of this image (COCO results file, by file-name id), else the whole image."""
+    import numpy as np
+    h, w = image.shape[:2]
+    if not args.boxes:
+        return np.array([[0, 0, w, h]], np.float32)
+    dets = json.loads(Path(args.boxes).read_text())
+    stem = Path(args.image).stem
+    image_id = int(stem) if stem.isdigit() else None
+    boxes = [d["bbox"] for d in dets if (image_id is None or d.get("image_id") == image_id)
+             and d.get("score", 1.0) >= args.score_thr]
+    return np.array(boxes or [[0, 0, w, h]], np.float32)
+
+
+def _registry(args) -> int:
+    from kdray.orchestration import tracking
+    if args.reg_cmd == "list":
+        print(json.dumps(tracking.list_models(), indent=1))
+    else:
+        print(json.dumps(tracking.show_model(args.ref), indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdray", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("data", help="the embedded SynthPose dataset").add_subparsers(
+        dest="data_cmd", required=True)
+    s = d.add_parser("synth", help="generate SynthPose (COCO format)")
+    s.add_argument("--out", default="data/synthpose")
+    s.add_argument("--train", type=int, default=4000, help="training persons")
+    s.add_argument("--val", type=int, default=500, help="validation persons")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--stats", action="store_true", help="print dataset statistics")
+    st = d.add_parser("stats", help="statistics of a generated SynthPose folder")
+    st.add_argument("--root", default="data/synthpose")
+    pv = d.add_parser("preview", help="PNG sheet of annotated person crops")
+    pv.add_argument("--root", default="data/synthpose")
+    pv.add_argument("--ann", default="train.json")
+    pv.add_argument("--out", default="runs/preview.png")
+    pv.add_argument("-n", type=int, default=24)
+
+    e = sub.add_parser("eval", help="score a results file with the reference evaluator")
+    e.add_argument("--gt", required=True)
+    e.add_argument("--pred", required=True)
+    e.add_argument("--metric", choices=("coco", "crowdpose", "pckh"), default="coco")
+    e.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("train", help="train and evaluate one stage")
+    t.add_argument("--config", default=None)
+    t.add_argument("--out", default="runs/train")
+    t.add_argument("--stage", choices=("teacher", "student", "gcn", "cdkd"), default="teacher")
+    t.add_argument("--teacher", help="teacher checkpoint (student/gcn/cdkd stages)")
+    t.add_argument("--student", help="stage-1 student checkpoint (gcn stage)")
+    t.add_argument("--dry-run", action="store_true", help="print params and GFLOPs, no training")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value")
+
+    pr = sub.add_parser("predict", help="draw predicted skeletons on an image")
+    pr.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS")
+    pr.add_argument("image")
+    pr.add_argument("--boxes", help="detector results JSON (COCO format)")
+    pr.add_argument("--score-thr", type=float, default=0.5)
+    pr.add_argument("--out", default="pose.png")
+
+    r = sub.add_parser("registry", help="MLflow model registry").add_subparsers(
+        dest="reg_cmd", required=True)
+    r.add_parser("list")
+    sh = r.add_parser("show")
+    sh.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"data": _data, "eval": _eval, "train": _train, "predict": _predict,
+               "registry": _registry}[args.cmd]
+    from kdray.config import ConfigError
+    from kdray.data.coco import DataError
+    from kdray.train import CheckpointError
+    try:
+        return handler(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"kdray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

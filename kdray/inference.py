@@ -1,0 +1,99 @@
+"""Rebuild a trained network from its checkpoint and run it on images (``kdray predict``).
+
+A checkpoint (kdray.train) carries ``meta``: the model config, input size, joint layout and
+kind (``simcc`` or ``refined`` = student + IGP-GCN), so loading needs nothing but the file, read
+with ``torch.load(weights_only=True)``. The MLflow pyfunc wrapper uses the same code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdray.codecs.simcc import SimCCCodec
+from kdray.config import ModelConfig, to_dict
+from kdray.data.dataset import normalize
+from kdray.data.keypoints import KeypointSpec, spec_for
+from kdray.data.transforms import back_to_image, box_to_center_scale, get_affine
+from kdray.nn.igp_gcn import IGPGCN
+from kdray.nn.pose_model import build_pose_model
+from kdray.nn.refined import RefinedPoseModel, gcn_feature_channels, simcc_logits
+from kdray.train import CheckpointError, load_checkpoint
+
+
+def pose_model_meta(stage: str, cfg, model_cfg: ModelConfig, spec: KeypointSpec,
+                    input_size) -> dict:
+    """What a checkpoint must carry to be rebuilt without the experiment config."""
+    return {"stage": stage, "kind": "refined" if stage == "gcn" else "simcc",
+            "model": to_dict(model_cfg), "dataset": cfg.data.dataset,
+            "num_joints": spec.num_joints, "input_size": [int(v) for v in input_size],
+            "split_ratio": cfg.data.split_ratio, "sigma": cfg.data.sigma,
+            "padding": cfg.data.padding, "gcn_hidden": cfg.tsd.stage2.hidden}
+
+
+def model_from_state(state: dict, source: str = "<state>") -> tuple[nn.Module, dict]:
+    meta = state.get("meta") or {}
+    try:
+        spec = spec_for(meta["dataset"])
+        size = tuple(meta["input_size"])
+        student = build_pose_model(ModelConfig(**meta["model"]), meta["num_joints"], size,
+                                   meta["split_ratio"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: checkpoint field 'meta' is incomplete ({e})") from None
+    weights = {k[len("model."):]: v for k, v in state["model"].items() if k.startswith("model.")}
+    module: nn.Module = student
+    if meta["kind"] == "refined":
+        gcn = IGPGCN(spec.num_joints, spec.skeleton, gcn_feature_channels(student),
+                     hidden=meta["gcn_hidden"])
+        codec = SimCCCodec(size, meta["split_ratio"], meta["sigma"])
+        module = RefinedPoseModel(student, gcn, codec, spec.flip_index())
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: weights do not match the model in 'meta' "
+                              f"({str(e).splitlines()[0]})") from None
+    return module.eval(), meta
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """(network in eval mode, meta) from a kdray checkpoint file or folder."""
+    return model_from_state(load_checkpoint(path), str(path))
+
+
+class Predictor:
+    """Top-down inference on whole images: boxes -> crops -> network -> image keypoints."""
+
+    def __init__(self, module: nn.Module, meta: dict, device: str = "cpu"):
+        self.module, self.meta = module.to(device).eval(), meta
+        self.device = torch.device(device)
+        self.size = tuple(meta["input_size"])
+        self.spec = spec_for(meta["dataset"])
+        self.codec = SimCCCodec(self.size, meta["split_ratio"], meta["sigma"])
+
+    @torch.no_grad()
+    def __call__(self, image_rgb: np.ndarray, boxes: np.ndarray, flip_test: bool = True):
+        """image (H, W, 3) uint8 RGB, boxes (N, 4) xywh -> keypoints (N, K, 3): x, y, score."""
+        import cv2
+        h, w = self.size
+        crops, centers, scales = [], [], []
+        for box in np.asarray(boxes, np.float32).reshape(-1, 4):
+            c, s = box_to_center_scale(box, w / h, self.meta.get("padding", 1.25))
+            m = get_affine(c, s, 0.0, self.size)
+            crops.append(cv2.warpAffine(image_rgb, m, (w, h), flags=cv2.INTER_LINEAR))
+            centers.append(c)
+            scales.append(s)
+        if not crops:
+            return np.zeros((0, self.spec.num_joints, 3), np.float32)
+        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(self.device)
+        images = normalize(x)
+        if isinstance(self.module, RefinedPoseModel):
+            out = self.module.refine(images, flip_test=flip_test)
+            coords, scores = out["poses"][-1] * self.module.wh, out["scores"]
+        else:
+            lx, ly, _ = simcc_logits(self.module, images, self.spec.flip_index(), flip_test,
+                                     self.codec.split_ratio)
+            coords, scores = self.codec.decode(lx, ly)
+        img = back_to_image(coords.cpu().numpy(), np.stack(centers), np.stack(scales), self.size)
+        return np.concatenate([img, scores.cpu().numpy()[..., None]], -1).astype(np.float32)

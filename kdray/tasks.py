@@ -1,0 +1,256 @@
+"""The distillation contract (DESIGN.md section 3): one ``nn.Module`` per method.
+
+A task owns the student, the frozen teacher (eval mode, ``requires_grad=False``, never in the
+optimizer) and the adapters. ``forward(batch, progress)`` returns ``loss``, every named loss term
+(``loss_*``) and predictions; ``trainable_parameters()`` feeds the optimizer;
+``predict(batch)`` gives crop-pixel coordinates for evaluation. The fit loop (kdray.train) runs
+every task unchanged: a method is a small composition of losses, not a branch in the loop.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdray.codecs.simcc import SimCCCodec, soft_argmax
+from kdray.config import CDKDConfig, TSDStage1Config, TSDStage2Config
+from kdray.data.dataset import normalize
+from kdray.losses import cdkd as cdkd_losses
+from kdray.losses import tsd
+from kdray.losses.simcc import simcc_kl_loss
+from kdray.nn.igp_gcn import IGPGCN
+from kdray.nn.refined import RefinedPoseModel, simcc_logits
+from kdray.nn.sape import SAPE, parse_kernel_mix
+
+BETA = 10.0  # SimCC's softmax scale (METHODS.md section 0)
+
+
+def backbone_name(model: nn.Module) -> str:
+    """Config name of a PoseModel's backbone (picks CPU fast paths in kdray.train)."""
+    return getattr(getattr(model, "backbone_info", None), "name", "")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: a frozen network never reaches the optimizer."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class _Task(nn.Module):
+    """Shared plumbing: frozen members stay in eval mode whatever ``train()`` is called with."""
+    frozen: tuple[str, ...] = ()
+    meta: dict = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen:
+            member = getattr(self, name, None)
+            if member is not None:
+                member.eval()
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def checkpoint_state(self) -> dict:
+        """Everything but the teacher; the deployable network sits under ``model.``."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.startswith("teacher.")] + list(unexpected)
+        if bad:
+            raise KeyError(f"checkpoint does not match {type(self).__name__}: {bad[:5]}")
+
+
+class SimCCTask(_Task):
+    """Plain SimCC training (the teacher, the undistilled student): L_KL only."""
+
+    def __init__(self, model: nn.Module, codec: SimCCCodec, flip_index: list[int]):
+        super().__init__()
+        self.model, self.codec, self.flip_index = model, codec, flip_index
+        self.backbone = backbone_name(model)
+
+    def forward(self, batch: dict, progress) -> dict:
+        out = self.model(normalize(batch["image"]))
+        l_kl = simcc_kl_loss(out["logits_x"].float(), out["logits_y"].float(), batch["target_x"],
+                             batch["target_y"], batch["target_weight"], beta=BETA)
+        return {"loss": l_kl, "loss_kl": l_kl}
+
+    @torch.no_grad()
+    def predict(self, batch: dict, flip_test: bool = True) -> dict:
+        lx, ly, _ = simcc_logits(self.model, normalize(batch["image"]), self.flip_index, flip_test,
+                                 self.codec.split_ratio)
+        coords, scores = self.codec.decode(lx, ly)
+        return {"coords": coords, "scores": scores}
+
+
+
+class TSDStage1Task(SimCCTask):
+    """TSD stage 1, Eq. (5): L_KL + gamma(t) alpha L_fea + gamma(t) beta L_pos."""
+    frozen = ("teacher",)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, codec: SimCCCodec,
+                 flip_index: list[int], cfg: TSDStage1Config, edges: torch.Tensor,
+                 edge_weights: torch.Tensor):
+        super().__init__(student, codec, flip_index)
+        self.cfg = cfg
+        self.teacher = freeze(teacher) if teacher is not None else None
+        needs_teacher = cfg.feature or cfg.pose or cfg.structure
+        if needs_teacher and teacher is None:
+            raise ValueError("TSD stage 1 with distillation terms needs a teacher")
+        self.adapter = (tsd.make_feature_adapter(student.feat_channels[-1],
+                                                 teacher.feat_channels[-1])
+                        if cfg.feature else None)
+        self.register_buffer("edges", edges.long(), persistent=False)
+        self.register_buffer("edge_weights", edge_weights.float(), persistent=False)
+
+    def forward(self, batch: dict, progress) -> dict:
+        images = normalize(batch["image"])
+        s = self.model(images)
+        s_lx, s_ly = s["logits_x"].float(), s["logits_y"].float()
+        l_kl = simcc_kl_loss(s_lx, s_ly, batch["target_x"], batch["target_y"],
+                             batch["target_weight"], beta=BETA)
+        terms = {"loss_kl": l_kl}
+        zero = l_kl.new_zeros(())
+        l_fea = l_pos = zero
+        if self.teacher is not None:
+            with torch.no_grad():
+                t = self.teacher(images)
+            mask = batch["target_weight"] > 0
+            if self.cfg.feature:
+                l_fea = tsd.feature_mse(s["feats"][-1].float(), t["feats"][-1].float(),
+                                        self.adapter)
+                terms["loss_fea"] = l_fea
+            s_xy = soft_argmax(s_lx, s_ly, BETA)
+            t_xy = soft_argmax(t["logits_x"].float(), t["logits_y"].float(), BETA)
+            if self.cfg.pose:
+                terms["loss_pose"] = tsd.pose_l1(s_xy, t_xy, mask)
+                l_pos = l_pos + terms["loss_pose"]
+            if self.cfg.structure:
+                terms["loss_cst"] = tsd.structure_loss(s_xy, t_xy, self.edges,
+                                                       self.edge_weights, mask)
+                l_pos = l_pos + terms["loss_cst"]
+        g = tsd.gamma(progress.epoch, progress.epochs) if self.cfg.gamma_decay else 1.0
+        loss = tsd.stage1_loss(l_kl, l_fea, l_pos, g, self.cfg.alpha, self.cfg.beta)
+        return {"loss": loss, **terms, "gamma": torch.tensor(g)}
+
+
+
+class TSDStage2Task(_Task):
+    """TSD stage 2, Eqs. (6)-(7): the IGP-GCN learns on the frozen student.
+
+    Supervision: the teacher's pose (``mode='teacher'``) or the ground truth (``'gt'``, Table IV
+    row s1). Only GT-labelled joints count (the mask M of Eq. (6)).
+    """
+    frozen = ("teacher",)
+
+    def __init__(self, student: nn.Module, gcn: IGPGCN, teacher: nn.Module | None,
+                 codec: SimCCCodec, flip_index: list[int], cfg: TSDStage2Config):
+        super().__init__()
+        self.model = RefinedPoseModel(freeze(student), gcn, codec, flip_index)
+        self.codec, self.cfg = codec, cfg
+        self.teacher = freeze(teacher) if teacher is not None else None
+        if cfg.mode == "teacher" and teacher is None:
+            raise ValueError("stage 2 in mode 'teacher' needs a teacher")
+        self.backbone = backbone_name(student)
+
+    def _target(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
+        if self.cfg.mode == "gt":
+            return batch["keypoints"] / self.model.wh
+        with torch.no_grad():
+            t = self.teacher(images)
+            coords, _ = self.codec.decode(t["logits_x"].float(), t["logits_y"].float())
+        return coords / self.model.wh
+
+    def forward(self, batch: dict, progress) -> dict:
+        images = normalize(batch["image"])
+        poses = self.model.refine(images, flip_test=False)["poses"]
+        target = self._target(batch, images)
+        mask = batch["target_weight"] > 0
+        blocks = [tsd.gcn_block_loss(p, target, mask) for p in poses]
+        loss = tsd.stage2_loss(blocks, (self.cfg.delta, self.cfg.lam, self.cfg.xi))
+        return {"loss": loss, **{f"loss_gcn{i + 1}": b for i, b in enumerate(blocks)}}
+
+    @torch.no_grad()
+    def predict(self, batch: dict, flip_test: bool = True) -> dict:
+        out = self.model.refine(normalize(batch["image"]), flip_test=flip_test)
+        return {"coords": out["poses"][-1] * self.model.wh,
+                "scores": out["scores"], "coords_init": out["coords_init"]}
+
+
+
+class CDKDTask(_Task):
+    """CDKD, Eq. (8): L_ori + alpha L_fea (SAPE, Eq. 5) + beta L_logit (CCA, Eqs. 6-7).
+
+    The student sees ``image_low``; the frozen teacher sees ``image`` (same warp, METHODS.md
+    section 2). ETHT makes tau (and optionally alpha, beta) learnable through gradient reversal.
+    """
+    frozen = ("teacher",)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, codec_low: SimCCCodec,
+                 flip_index: list[int], cfg: CDKDConfig, teacher_feat_hw: tuple[int, int]):
+        super().__init__()
+        self.model, self.teacher, self.codec, self.cfg = student, freeze(teacher), codec_low, cfg
+        self.flip_index = flip_index
+        self.backbone = backbone_name(student)
+        self.sape = (SAPE(student.feat_channels[-1], teacher.feat_channels[-1], teacher_feat_hw,
+                          num_projectors=cfg.projectors,
+                          kernel_mix=parse_kernel_mix(cfg.sau_kernels), use_sau=cfg.sau)
+                     if cfg.feature_loss else None)
+        lo, hi = cfg.tau_range
+        self.tau = (cdkd_losses.LearnableTemperature(cfg.tau_init, lo, hi)
+                    if "tau" in cfg.etht else None)
+        self.alpha = (cdkd_losses.learnable_loss_weight(cfg.alpha)
+                      if "alpha" in cfg.etht else None)
+        self.beta = (cdkd_losses.learnable_loss_weight(cfg.beta)
+                     if "beta" in cfg.etht else None)
+
+    def _value(self, learnable, fixed: float, xi: float):
+        return learnable(xi) if learnable is not None else fixed
+
+    def forward(self, batch: dict, progress) -> dict:
+        s = self.model(normalize(batch["image_low"]))
+        s_lx, s_ly = s["logits_x"].float(), s["logits_y"].float()
+        l_ori = simcc_kl_loss(s_lx, s_ly, batch["target_x_low"], batch["target_y_low"],
+                              batch["target_weight_low"], beta=BETA)
+        terms = {"loss_ori": l_ori}
+        zero = l_ori.new_zeros(())
+        l_fea = l_logit = zero
+        xi = cdkd_losses.xi_schedule(progress.fraction, self.cfg.xi_max, self.cfg.xi_schedule,
+                                     total_epochs=progress.epochs)
+        if self.cfg.feature_loss or self.cfg.logit_loss:
+            with torch.no_grad():
+                t = self.teacher(normalize(batch["image"]))
+        if self.cfg.feature_loss:
+            f_out = self.sape(s["feats"][-1].float())["out"]
+            l_fea = terms["loss_fea"] = cdkd_losses.cosine_feature_loss(f_out,
+                                                                        t["feats"][-1].float())
+        if self.cfg.logit_loss:
+            tau = self._value(self.tau, self.cfg.tau_init, xi)
+            l_logit = terms["loss_logit"] = cdkd_losses.cca_logit_loss(
+                s_lx, s_ly, t["logits_x"].float(), t["logits_y"].float(), tau,
+                batch["target_weight_low"], beta_scale=BETA)
+        alpha = self._value(self.alpha, self.cfg.alpha, xi)
+        beta = self._value(self.beta, self.cfg.beta, xi)
+        loss = cdkd_losses.cdkd_total_loss(l_ori, l_fea, l_logit, alpha, beta)
+        return {"loss": loss, **terms}
+
+    def epoch_metrics(self) -> dict:
+        """tau (and alpha, beta when learnt) once per epoch, as the issue asks."""
+        tau = self.tau.value.detach() if self.tau is not None else self.cfg.tau_init
+        out = {"tau": float(tau)}
+        if self.alpha is not None:
+            out["alpha"] = float(self.alpha.value.detach())
+        if self.beta is not None:
+            out["beta"] = float(self.beta.value.detach())
+        return out
+
+    @torch.no_grad()
+    def predict(self, batch: dict, flip_test: bool = True) -> dict:
+        lx, ly, _ = simcc_logits(self.model, normalize(batch["image_low"]), self.flip_index,
+                                 flip_test, self.codec.split_ratio)
+        coords, scores = self.codec.decode(lx, ly)
+        return {"coords": coords, "scores": scores}
+
