@@ -113,7 +113,8 @@ def _task(stage: str, cfg: ExperimentConfig, spec: KeypointSpec, train_records,
         return task, StageConfig(model=cfg.student.model, train=s2.train)
     if stage == "cdkd":
         c = cfg.cdkd
-        model = build_pose_model(c.student.model, spec.num_joints, low, k)
+        model = build_pose_model(c.student.model, spec.num_joints, low, k,
+                                 size_field="cdkd.low_res_size")
         with torch.no_grad():
             probe = teacher(torch.zeros(1, 3, *size))["feats"][-1]
         task = CDKDTask(model, teacher, _codec(cfg, low), flip, c, tuple(probe.shape[-2:]))

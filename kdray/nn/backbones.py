@@ -1,0 +1,160 @@
+"""timm backbones returning multi-scale feature maps for the SimCC pose model (METHODS.md sec. 0).
+
+One dict, :data:`BACKBONES`, maps a config name (``model.backbone``) to the timm model name, its
+create kwargs and which returned map feeds the SimCC head. Nothing downloads: models are built
+with ``pretrained=False``; ``model.weights`` may name a local file (see :func:`load_weights`).
+
+What each backbone returns (timm order, high -> low resolution; measured with timm 1.0.31):
+
+- HRNet (``feature_location=''``, ``out_indices=(1, 2, 3, 4)``): the four branches of the last
+  stage (after its multi-resolution fusion) at 1/4, 1/8, 1/16, 1/32 of the input, e.g.
+  32/64/128/256 channels for W32. The 1/4 branch feeds the head, as in SimCC's HRNet (whose
+  ``final_layer`` reads branch 0). timm's default ``feature_location='incre'`` would instead pass
+  the branches through the classifier's channel-increase bottlenecks (128/256/512/1024 channels):
+  not the pose network. The stem (1/2, index 0) is left out: nothing uses it.
+- ResNet: ``layer1..layer4`` at 1/4 .. 1/32; the 1/32 map feeds the head, as in the official
+  SimCC ResNet without deconvolutions (mmpose ``SimCCHead`` with ``in_featuremap_size = size//32``).
+- MobileNetV3: the stage outputs at 1/4, 1/8, 1/16; the 1/16 map feeds the head and the network is
+  cut there (timm's ``feature_cls='getter'`` prunes the unused deeper blocks, so every parameter
+  gets a gradient). Why 1/16: at the demo's 96x64 input the 1/32 map is 3x2 = 6 cells, and the
+  SimCC Linear layers then map 6 numbers per joint to 128 or 192 bins (the logits live in a
+  6-dimensional subspace); 1/16 gives 6x4 = 24 cells (48 channels, 0.2M parameters for the small
+  net); 1/8 gives 96 cells but only three shallow stages (42k parameters, a receptive field too
+  small to tell left from right on a whole figure). On SynthPose at 96x64 (1500 steps, batch 32)
+  1/8 and 1/16 reached similar validation errors (10.7 / 10.9 px) while 1/16 fitted the training
+  set better (loss 2.58 vs 3.27); 1/32 trained no better than 1/16. Another choice is one entry
+  here (``head_stride``, ``out_indices``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from timm.models._features import FeatureGetterNet
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """timm name + create kwargs, and the stride of the map that feeds the SimCC head."""
+    timm_name: str
+    kwargs: dict = field(default_factory=dict)
+    head_stride: int = 4
+
+
+_HRNET = {"feature_location": "", "out_indices": (1, 2, 3, 4)}
+_PLAIN = {"out_indices": (1, 2, 3, 4)}
+_MOBILE = {"feature_cls": "getter", "out_indices": (1, 2, 3)}
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "hrnet_w18_small": BackboneSpec("hrnet_w18_small", _HRNET, head_stride=4),
+    "hrnet_w18_small_v2": BackboneSpec("hrnet_w18_small_v2", _HRNET, head_stride=4),
+    "hrnet_w32": BackboneSpec("hrnet_w32", _HRNET, head_stride=4),
+    "hrnet_w48": BackboneSpec("hrnet_w48", _HRNET, head_stride=4),
+    "resnet18": BackboneSpec("resnet18", _PLAIN, head_stride=32),
+    "resnet50": BackboneSpec("resnet50", _PLAIN, head_stride=32),
+    "mobilenetv3_small_100": BackboneSpec("mobilenetv3_small_100", _MOBILE, head_stride=16),
+    "mobilenetv3_large_100": BackboneSpec("mobilenetv3_large_100", _MOBILE, head_stride=16),
+}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What ``module(images)`` returns: a list of maps in timm order (high -> low resolution).
+
+    channels[i], reductions[i] describe map i; ``head_index`` is the map that feeds the SimCC
+    head; inputs must have H and W divisible by ``size_divisor`` (the largest reduction).
+    ``weights`` is the load report of :func:`load_weights` ("" when no file was given).
+    """
+    name: str
+    timm_name: str
+    channels: tuple[int, ...]
+    reductions: tuple[int, ...]
+    head_index: int
+    size_divisor: int
+    weights: str = ""
+
+
+def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, BackboneInfo]:
+    """Build backbone ``name`` (a key of :data:`BACKBONES`); optionally load a local weights file.
+
+    Returns ``(module, info)``; ``module(images (B, 3, H, W))`` is a list of (B, C_i, H/r_i, W/r_i).
+    Unknown names raise ValueError listing the known ones.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r} (model.backbone); known: "
+                         f"{', '.join(sorted(BACKBONES))}")
+    spec = BACKBONES[name]
+    module = timm.create_model(spec.timm_name, pretrained=False, features_only=True,
+                               **spec.kwargs)
+    channels = tuple(int(c) for c in module.feature_info.channels())
+    reductions = tuple(int(r) for r in module.feature_info.reduction())
+    if spec.head_stride not in reductions:  # a dict entry and timm disagree: fail at build
+        raise ValueError(f"backbone {name!r}: head stride {spec.head_stride} not among the "
+                         f"returned reductions {reductions}")
+    report = load_weights(module, weights) if weights else ""
+    info = BackboneInfo(name, spec.timm_name, channels, reductions,
+                        head_index=reductions.index(spec.head_stride),
+                        size_divisor=max(reductions), weights=report)
+    return module, info
+
+
+# ---- local weights ---------------------------------------------------------------------------
+
+_PREFIXES = ("module.", "backbone.", "model.")  # DDP, a kdray PoseModel, timm's getter wrapper
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:  # never unpickle arbitrary objects (PITFALLS.md, security notes)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common checkpoint nestings
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"model.weights {path}: expected a state dict, got {type(sd).__name__}")
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def load_weights(module: nn.Module, path: str) -> str:
+    """Load a local state dict into ``module`` non-strictly; return a one-line report.
+
+    Accepts ``torch.save`` files (read with ``weights_only=True``) and ``.safetensors``; strips
+    ``module.`` / ``backbone.`` / ``model.`` prefixes, so timm classification checkpoints and
+    kdray PoseModel checkpoints both fit. Keys with mismatched shapes are skipped (and reported).
+    Missing keys are logged as a warning; a file matching no key at all raises ValueError.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.weights: no such file {path!r}")
+    # timm's getter wraps the (pruned) model: load into it so plain timm checkpoints fit
+    target = module.model if isinstance(module, FeatureGetterNet) else module
+    own = target.state_dict()
+    sd = _read_state_dict(p)
+    mismatched = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
+    sd = {k: v for k, v in sd.items() if k not in mismatched}
+    res = target.load_state_dict(sd, strict=False)
+    loaded = len(own.keys() & sd.keys())  # not len - missing: BN fills num_batches_tracked
+    if loaded == 0:
+        raise ValueError(f"model.weights {path!r}: no key matches the backbone "
+                         f"(file keys e.g. {list(sd)[:3]}, backbone keys e.g. {list(own)[:3]})")
+    report = (f"{p.name}: loaded {loaded}/{len(own)} tensors, missing {len(res.missing_keys)}, "
+              f"unexpected {len(res.unexpected_keys)}, shape-mismatched {len(mismatched)}")
+    if res.missing_keys or mismatched:
+        log.warning("%s; missing e.g. %s; mismatched e.g. %s", report, res.missing_keys[:5],
+                    mismatched[:5])
+    else:
+        log.info(report)
+    return report

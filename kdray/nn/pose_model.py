@@ -1,0 +1,89 @@
+"""The top-down SimCC pose model: timm backbone + SimCC head (METHODS.md section 0, DESIGN sec. 3).
+
+``forward(images)`` returns ``dict(feats, logits_x, logits_y)``; the knowledge-distillation code
+reads the features it needs from ``feats`` directly (no hooks, no module paths):
+
+- ``feats[-1]`` is always the SimCC head's input: TSD's L_fea (Eq. 1) and CDKD's SAPE / L_fea
+  (Eqs. 1-5) use it.
+- ``feats[-3:]`` are the three maps TSD's IGP-GCN samples (stage 2, blocks 2-4).
+
+Order, per backbone family (``model.feat_strides`` gives the reductions w.r.t. the input):
+
+- HRNet: [1/32, 1/16, 1/8, 1/4], the last stage's four parallel branches (all equally deep),
+  low -> high resolution; the 1/4 branch feeds the head and is last, so ``feats[-3:]`` =
+  1/16, 1/8, 1/4 as in TSD.
+- Plain CNNs, whose head reads their deepest map: the maps in forward order (shallow -> deep =
+  high -> low resolution), the head input last. ResNet [1/4, 1/8, 1/16, 1/32] (``feats[-3:]`` =
+  1/8, 1/16, 1/32); MobileNetV3 [1/4, 1/8, 1/16] (the net is cut at the head's 1/16 map).
+Every map in ``feats`` lies on the path to the logits, except HRNet's 1/8-1/32 branches, whose
+last fusion layers get no gradient from the SimCC loss alone (DDP: find_unused_parameters).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from kdray.config import ModelConfig
+from kdray.nn.backbones import BackboneInfo, build_backbone
+from kdray.nn.simcc_head import SimCCHead
+
+
+def check_input_size(input_size: tuple[int, int], info: BackboneInfo,
+                     field: str = "data.input_size") -> tuple[int, int]:
+    """(H, W) must be positive and divisible by the backbone's largest reduction (HRNet: 32,
+    its fusion layers upsample the 1/32 branch by exact factors). Raises ValueError naming
+    ``field``, the config key the size came from."""
+    try:
+        h, w = (int(v) for v in input_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field} must be (H, W), got {input_size!r}") from None
+    d = info.size_divisor
+    if h <= 0 or w <= 0 or h % d or w % d:
+        ok = (max(d, h // d * d), max(d, w // d * d))
+        raise ValueError(f"{field} = ({h}, {w}): backbone {info.name} needs H and W divisible by "
+                         f"{d} (its coarsest feature is 1/{d} of the input); e.g. {ok}")
+    return h, w
+
+
+class PoseModel(nn.Module):
+    """SimCC pose model. images (B, 3, H, W), ImageNet-normalised float ->
+    dict(feats=[(B, C_i, H/s_i, W/s_i) ...], logits_x (B, K, int(W*k)), logits_y (B, K, int(H*k))).
+
+    Attributes: ``feat_channels`` and ``feat_strides`` (lists, same order as ``feats``),
+    ``num_joints``, ``input_size`` (H, W), ``split_ratio``, ``bins`` (Wx, Hy), ``backbone_info``.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, num_joints: int, input_size: tuple[int, int],
+                 split_ratio: float, *, size_field: str = "data.input_size"):
+        super().__init__()
+        self.backbone, info = build_backbone(model_cfg.backbone, model_cfg.weights)
+        h, w = check_input_size(input_size, info, size_field)
+        head = info.head_index
+        n = len(info.reductions)
+        if head == n - 1:          # plain CNN: the head reads the deepest map; keep forward order
+            self._order = list(range(n))
+        else:                      # HRNet: parallel branches low -> high resolution, head last
+            others = [i for i in range(n) if i != head]
+            self._order = [*sorted(others, key=lambda i: -info.reductions[i]), head]
+        self.feat_channels = [info.channels[i] for i in self._order]
+        self.feat_strides = [info.reductions[i] for i in self._order]
+        self.backbone_info = info
+        self.num_joints = int(num_joints)
+        self.input_size = (h, w)
+        self.split_ratio = float(split_ratio)
+        self.bins = (int(w * split_ratio), int(h * split_ratio))    # (Wx, Hy)
+        s = self.feat_strides[-1]
+        self.head = SimCCHead(self.feat_channels[-1], self.num_joints, (h // s, w // s),
+                              self.bins, init_scale=model_cfg.head_init_scale)
+
+    def forward(self, images: Tensor) -> dict:
+        maps = self.backbone(images)                  # timm order: high -> low resolution
+        feats = [maps[i] for i in self._order]
+        logits_x, logits_y = self.head(feats[-1])
+        return {"feats": feats, "logits_x": logits_x, "logits_y": logits_y}
+
+
+def build_pose_model(model_cfg: ModelConfig, num_joints: int, input_size: tuple[int, int],
+                     split_ratio: float, *, size_field: str = "data.input_size") -> PoseModel:
+    """A :class:`PoseModel`; ``size_field`` names the config key of ``input_size`` in errors
+    (e.g. ``cdkd.low_res_size`` for the CDKD student)."""
+    return PoseModel(model_cfg, num_joints, input_size, split_ratio, size_field=size_field)

@@ -1,0 +1,41 @@
+"""Parameters and FLOPs/MACs (METHODS.md section 0, "Complexity")."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdray.config import ModelConfig
+from kdray.eval.complexity import complexity
+from kdray.nn.pose_model import build_pose_model
+
+
+def test_golden_single_conv():
+    # 1x1 conv 3 -> 4 on a 5x6 image: 3 * 4 * 30 = 360 MACs = 720 FLOPs; 12 weights + 4 biases
+    model = nn.Conv2d(3, 4, kernel_size=1)
+    c = complexity(model, (5, 6))
+    assert c["params"] == 16 and c["flops"] == 720
+    assert c["gmacs"] == pytest.approx(360e-9) and c["gflops"] == pytest.approx(720e-9)
+
+
+def test_pose_model_params_flops_and_mode_restored():
+    model = build_pose_model(ModelConfig(backbone="mobilenetv3_small_100"), 17, (96, 64), 2.0)
+    model.train()
+    c = complexity(model, (96, 64), batch=2)
+    assert c["params"] == sum(p.numel() for p in model.parameters())
+    assert c["params_m"] == pytest.approx(c["params"] / 1e6)
+    assert c["flops"] > 0 and c["gmacs"] == pytest.approx(c["flops"] / 2e9)
+    assert c["flops"] == complexity(model, (96, 64), batch=1)["flops"]  # per image
+    assert model.training
+
+
+@pytest.mark.slow
+def test_hrnet_w32_simcc_matches_the_papers():
+    # Papers: SimCC HRNet-W32 256x192 ~31M params, ~7.7-8.1 "GFLOPs" (= GMACs, mmcv counting).
+    # timm's last stage also fuses into the 1/8-1/32 branches (+0.77M, used by the IGP-GCN).
+    model = build_pose_model(ModelConfig(backbone="hrnet_w32"), 17, (256, 192), 2.0)
+    c = complexity(model, (256, 192))
+    head = sum(p.numel() for p in model.head.parameters())
+    assert head == 17 * 32 + 17 + (64 * 48 + 1) * (384 + 512)  # 1x1 conv + two Linear layers
+    assert 31.0 < c["params_m"] < 32.5
+    assert 7.3 < c["gmacs"] < 8.2
