@@ -59,10 +59,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# Measured on a 2-core AVX512-bf16 CPU (PITFALLS.md): bf16 autocast speeds HRNet training 2.2x
-# but slows MobileNetV3 (0.7x); channels_last helps both. ``auto`` follows this table on CPU
-# and uses bf16 + channels_last on CUDA.
-CPU_BF16_PREFIXES = ("hrnet",)
+# Measured on a 2-core AVX512-bf16 CPU (PITFALLS.md, bench/RESULTS.md): bf16 autocast speeds
+# HRNet training ~2x but slows MobileNetV3 (0.7x), and SimCC training under CPU bf16 autocast
+# diverged on SynthPose (KL 6 -> 100+ within two epochs, fp32 converged on the same data), so
+# ``auto`` trains in fp32 + channels_last on CPU and in bf16 + channels_last on CUDA.
+CPU_BF16_PREFIXES: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class FastPaths:
 
 def fast_paths(cfg: TrainConfig, backbone: str, device: torch.device) -> FastPaths:
     if cfg.precision == "auto":
-        bf16 = device.type == "cuda" or backbone.startswith(CPU_BF16_PREFIXES)
+        bf16 = device.type == "cuda" or (bool(CPU_BF16_PREFIXES)
+                                         and backbone.startswith(CPU_BF16_PREFIXES))
     else:
         bf16 = cfg.precision == "bf16"
     cl = cfg.channels_last == "on" or cfg.channels_last == "auto"
