@@ -16,8 +16,7 @@ $(STAMP): constraints.txt pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/kdray data synth --out data/synthpose --train 4000 --val 500 --seed 0 --stats
-	$(VENV)/bin/kdray data preview --root data/synthpose --out runs/preview.png
+	$(PYBIN) pipelines/two_stage.py --config configs/demo.yaml
 
 test: setup
 	$(PYBIN) -m pytest -q -m "not slow"

@@ -88,7 +88,7 @@ def _predict(args) -> int:
     keypoints = Predictor(module, meta)(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), boxes)
     spec = spec_for(meta["dataset"])
     for kp in keypoints:
-        canvas = draw_pose(canvas, kp, spec)
+        canvas = draw_pose(canvas, kp, spec, score_thr=0.0)  # SimCC scores are small
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(args.out), canvas)
     print(json.dumps({"out": str(args.out), "persons": len(keypoints),

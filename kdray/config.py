@@ -160,7 +160,7 @@ class RayConfig:
     use_gpu: str = _f("auto", choices=("auto", "yes", "no"))
     cpus_per_worker: float = _f(1.0, lo=0.01)
     max_failures: int = _f(2, lo=0)
-    storage_path: str = ""                # "" = <out>/ray
+    storage_path: str = ""                # "" = <stage cache>/ray (resumable across reruns)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from kdray.nn.igp_gcn import IGPGCN
 from kdray.nn.pose_model import build_pose_model
 from kdray.nn.refined import gcn_feature_channels
 from kdray.tasks import CDKDTask, SimCCTask, TSDStage1Task, TSDStage2Task
-from kdray.train import FitResult, fit
+from kdray.train import FitResult, fit, seed_everything
 
 STAGES = ("teacher", "student", "gcn", "cdkd")
 METRIC = {"coco": "coco", "synthpose": "coco", "crowdpose": "crowdpose", "mpii": "pckh"}
@@ -138,6 +138,8 @@ def build_stage(stage: str, cfg: ExperimentConfig, inputs: dict[str, str] | None
     if missing:
         raise ValueError(f"stage {stage!r} needs checkpoints for {missing}")
     train_recs, val_recs, spec = records or load_records(cfg)
+    seed_everything(stage_config(stage, cfg).train.seed if stage != "gcn"
+                    else cfg.tsd.stage2.train.seed)  # initial weights: a function of the seed
     task, scfg = _task(stage, cfg, spec, train_recs, inputs)
     size, low = _sizes(stage, cfg)
     task.meta = pose_model_meta(stage, cfg, scfg.model, spec, low or size)

@@ -1,0 +1,62 @@
+"""MLflow "model from code" for kdray pose networks (logged by kdray.orchestration.tracking).
+
+MLflow records this file with the model instead of a pickle: loading runs this code and reads
+the weights artifact (a kdray checkpoint: ``state_dict`` + ``meta``) with
+``torch.load(weights_only=True)``, so nothing from the registry is unpickled.
+
+``predict`` takes a batch of person crops, uint8 RGB ``(N, H, W, 3)`` at the model's input
+size (``meta["input_size"]``), and returns keypoints ``(N, K, 3)`` float32: x, y in crop pixels
+and a confidence score. Whole images with boxes: ``kdray predict`` (kdray.inference.Predictor).
+"""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.pyfunc import PythonModel
+
+WEIGHTS = "weights"   # the artifact key that tracking.log_pose_model uses
+
+
+def keypoints_from_crops(module: torch.nn.Module, meta: dict, crops: np.ndarray,
+                         flip_test: bool = True) -> np.ndarray:
+    """uint8 (N, H, W, 3) RGB crops -> (N, K, 3) float32 (x, y in crop pixels, score)."""
+    from kdray.codecs.simcc import SimCCCodec
+    from kdray.data.dataset import normalize
+    from kdray.data.keypoints import spec_for
+    from kdray.nn.refined import RefinedPoseModel, simcc_logits
+
+    crops = np.asarray(crops)
+    size = tuple(meta["input_size"])
+    if crops.ndim != 4 or crops.shape[1:] != (*size, 3):
+        raise ValueError(f"expected crops of shape (N, {size[0]}, {size[1]}, 3), "
+                         f"got {crops.shape}")
+    images = normalize(torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        if isinstance(module, RefinedPoseModel):
+            out = module.refine(images, flip_test=flip_test)
+            coords, scores = out["poses"][-1] * module.wh, out["scores"]
+        else:
+            codec = SimCCCodec(size, meta["split_ratio"], meta["sigma"])
+            lx, ly, _ = simcc_logits(module, images, spec_for(meta["dataset"]).flip_index(),
+                                     flip_test, codec.split_ratio)
+            coords, scores = codec.decode(lx, ly)
+    return torch.cat([coords.float(), scores.float().unsqueeze(-1)], -1).numpy()
+
+
+class PoseModel(PythonModel):
+    """A kdray SimCC network (or student + IGP-GCN) behind the pyfunc interface."""
+
+    def load_context(self, context) -> None:
+        from kdray.inference import model_from_checkpoint
+        self.module, self.meta = model_from_checkpoint(context.artifacts[WEIGHTS])
+
+    def predict(self, context, model_input, params=None):
+        flip = bool((params or {}).get("flip_test", True))
+        if isinstance(model_input, dict):       # a named tensor input arrives as {name: array}
+            (model_input,) = model_input.values()
+        return keypoints_from_crops(self.module, self.meta, np.asarray(model_input, np.uint8),
+                                    flip)
+
+
+mlflow.models.set_model(PoseModel())

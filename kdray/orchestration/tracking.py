@@ -1,0 +1,361 @@
+"""MLflow tracking and model registry (DESIGN.md section 5).
+
+- Store: ``tracking.uri`` from the config, else ``$MLFLOW_TRACKING_URI``, else a sqlite file
+  ``<storage>/mlflow.db``; artifacts of a sqlite store sit beside it in ``mlruns/``. The driver
+  creates the database and the experiment (:func:`init_store`) before any worker writes: 16
+  processes creating a fresh sqlite schema at once fail (PITFALLS.md).
+- Runs: one parent run per pipeline, one child run per stage (``mlflow.parentRunId``); params
+  are the flattened resolved config; per-epoch metrics with ``step = epoch``.
+- Models: a pyfunc "model from code" (kdray/orchestration/pyfunc_model.py) whose artifact is a
+  kdray checkpoint (``state_dict`` + ``meta``) read with ``torch.load(weights_only=True)``;
+  never a pickle. Registered under :data:`MODEL_NAMES` with aliases ``candidate`` (every new
+  version) and ``champion`` (moved only when a version beats the champion on the same val set).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import mlflow
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from kdray.config import ConfigError
+
+class RegistryError(ConfigError, LookupError):
+    """A model reference (``models:/NAME@ALIAS``) that does not resolve: a wrong input value,
+    which ``kdray`` prints as an error like a bad config value. (No torch import here: the
+    store's concurrent writers start faster.)"""
+
+
+MODEL_NAMES = {"teacher": "kdray-teacher", "student": "kdray-tsd-student",
+               "gcn": "kdray-tsd-refined", "cdkd": "kdray-cdkd-student"}
+CANDIDATE, CHAMPION = "candidate", "champion"
+WEIGHTS_FILE = "model.pt"
+
+
+# ----------------------------------------------------------------------------- the store
+
+def resolve_uri(uri: str = "", storage: str | Path | None = None) -> str:
+    """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<storage>/mlflow.db``.
+
+    Relative sqlite paths are made absolute against ``storage`` (default: ``$KDRAY_STORAGE``,
+    else the CWD), because a Ray job runs in a temporary copy of the working dir that vanishes.
+    """
+    base = Path(storage or os.environ.get("KDRAY_STORAGE") or Path.cwd()).resolve()
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{base / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
+    elif "://" not in uri:                     # a bare folder: MLflow's file store is refused
+        raise ValueError(f"tracking URI {uri!r}: use sqlite:///PATH.db or http://HOST:PORT")
+    return uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside the database, not in the CWD's ``./mlruns``."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return None  # a tracking server decides
+
+
+def init_store(uri: str, experiment: str) -> str:
+    """Create the database and the experiment (driver, before any worker); its id."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location=_artifact_root(uri))
+    except MlflowException:                     # another process created it first
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def _retry(fn, *args, tries: int = 8, **kwargs):
+    """sqlite answers 'database is locked' under many writers; back off and try again."""
+    for i in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as e:
+            if i == tries - 1 or "locked" not in str(e).lower():
+                raise
+            time.sleep(0.05 * 2 ** i)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def start_run(uri: str, experiment_id: str, name: str, parent_id: str | None = None,
+              tags: dict | None = None) -> str:
+    """A new run (a child run when ``parent_id`` is given); its id. Ended by :func:`end_run`."""
+    all_tags = {"mlflow.runName": name, **(tags or {})}
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    run = _retry(MlflowClient(uri).create_run, experiment_id, tags=all_tags, run_name=name)
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _retry(MlflowClient(uri).set_terminated, run_id, status)
+
+
+def numeric(metrics: dict) -> dict[str, float]:
+    """The loggable part of a metrics dict: finite-or-NaN numbers (None, strings dropped)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out[k] = float(v)
+    return out
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int = 0) -> None:
+    ts = int(time.time() * 1000)
+    items = [Metric(k, v, ts, step) for k, v in numeric(metrics).items() if not math.isinf(v)]
+    client = MlflowClient(uri)
+    for i in range(0, len(items), 500):
+        _retry(client.log_batch, run_id, metrics=items[i:i + 500])
+
+
+def log_history(uri: str, run_id: str, history: list[dict]) -> None:
+    """Per-epoch metrics (step = epoch) for every epoch not already logged (workers log live)."""
+    client = MlflowClient(uri)
+    done = {m.step for m in _retry(client.get_metric_history, run_id, "loss")}
+    for h in history:
+        if int(h.get("epoch", 0)) not in done:
+            log_metrics(uri, run_id, h, step=int(h.get("epoch", 0)))
+
+
+def log_params(uri: str, run_id: str, params: dict) -> None:
+    """Flattened config as params (MLflow takes at most 100 per request, 6000 chars each)."""
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    client = MlflowClient(uri)
+    for i in range(0, len(items), 100):
+        _retry(client.log_batch, run_id, params=items[i:i + 100])
+
+
+def set_tags(uri: str, run_id: str, tags: dict) -> None:
+    _retry(MlflowClient(uri).log_batch, run_id,
+           tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifacts(uri: str, run_id: str, paths: Iterable[str | Path]) -> None:
+    client = MlflowClient(uri)
+    for p in paths:
+        if Path(p).is_file():
+            _retry(client.log_artifact, run_id, str(p))
+
+
+# ----------------------------------------------------------------------------- models
+
+def export_weights(checkpoint: str | Path, dest: str | Path) -> Path:
+    """The deployable part of a training checkpoint (network ``state_dict`` + ``meta``)."""
+    import torch
+
+    from kdray.train import load_checkpoint
+    state = load_checkpoint(checkpoint)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state["model"], "meta": state["meta"]}, dest)
+    return dest
+
+
+def log_pose_model(uri: str, run_id: str, checkpoint: str | Path, workdir: str | Path):
+    """Log a checkpoint as a pyfunc model-from-code with a signature; the ModelInfo."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from kdray.orchestration import pyfunc_model
+    weights = export_weights(checkpoint, Path(workdir) / WEIGHTS_FILE)
+    meta = _meta_of(weights)
+    h, w = meta["input_size"]
+    k = int(meta["num_joints"])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k, 3))]))
+    example = np.full((1, h, w, 3), 127, np.uint8)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=pyfunc_model.__file__,
+            artifacts={pyfunc_model.WEIGHTS: str(weights)}, signature=signature,
+            input_example=example, pip_requirements=_requirements(),
+            metadata={"kdray_stage": meta.get("stage", ""), "input_size": [h, w]})
+
+
+def _meta_of(weights: Path) -> dict:
+    import torch
+    return torch.load(weights, map_location="cpu", weights_only=True)["meta"]
+
+
+def _requirements() -> list[str]:
+    """Pinned without the 5-7 s pip inference (PITFALLS.md); kdray itself must be installed."""
+    from importlib.metadata import version
+    return [f"{p}=={version(p)}" for p in ("torch", "timm", "numpy", "opencv-python-headless")
+            if _installed(p)]
+
+
+def _installed(pkg: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        version(pkg)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def find_version(uri: str, name: str, stage_key: str) -> str | None:
+    """The newest version of ``name`` registered from the stage output ``stage_key``."""
+    client = MlflowClient(uri, registry_uri=uri)
+    found = _retry(client.search_model_versions, f"name='{name}' and tags.stage_key='{stage_key}'")
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def register(uri: str, stage: str, model_uri: str | None, *, run_id: str, stage_key: str,
+             val_set: str, metric: str, value: float) -> dict:
+    """Register a logged model; alias ``candidate``; ``champion`` if it beats the champion.
+
+    The champion is compared on the same val set only (tag ``val_set``, a hash of the val
+    annotations): a version scored on other data neither replaces it nor is replaced.
+    """
+    name = MODEL_NAMES[stage]
+    client = MlflowClient(uri, registry_uri=uri)
+    version = find_version(uri, name, stage_key)
+    if version is None:                # else: the same stage output was registered before
+        if not model_uri:
+            raise ValueError(f"{name}: no logged model to register for stage {stage_key}")
+        mlflow.set_registry_uri(uri)
+        mv = mlflow.register_model(model_uri, name, tags={
+            "stage_key": stage_key, "val_set": val_set, "metric": metric,
+            "metric_value": repr(float(value)), "run_id": run_id})
+        version = mv.version
+    version = str(version)
+    _retry(client.set_registered_model_alias, name, CANDIDATE, version)
+    champion = _alias_version(client, name, CHAMPION)
+    is_champion = champion is not None and str(champion.version) == version
+    if champion is None or (not is_champion and _beats(value, metric, val_set, champion)):
+        _retry(client.set_registered_model_alias, name, CHAMPION, version)
+        is_champion = True
+    return {"name": name, "version": version, "champion": is_champion,
+            "uri": f"models:/{name}/{version}"}
+
+
+def _beats(value: float, metric: str, val_set: str, champion) -> bool:
+    """Better than the champion on the same val set and metric (higher AP / PCKh is better)."""
+    tags = champion.tags or {}
+    if tags.get("val_set") != val_set or tags.get("metric") != metric:
+        return False
+    return float(value) > float(tags.get("metric_value", "-inf"))
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS``, ``NAME@ALIAS``, ``NAME/VERSION`` -> (name, alias, version)."""
+    ref = ref[len("models:/"):] if ref.startswith("models:/") else ref
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, alias, None
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        return name, None, version
+    raise RegistryError(f"model reference {ref!r}: expected NAME@ALIAS or NAME/VERSION")
+
+
+def _version(client: MlflowClient, ref: str):
+    name, alias, version = _parse_ref(ref)
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        raise RegistryError(f"{ref}: not in the registry at {client.tracking_uri} "
+                          f"({str(e).splitlines()[0]})") from None
+
+
+def download_weights(ref: str, dest: str | Path, uri: str = "") -> Path:
+    """The weights file of a registered model (``models:/NAME@ALIAS``), copied under ``dest``.
+
+    Reads the artifact path from the ``MLmodel`` file (YAML), so no model code runs.
+    """
+    uri = resolve_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    mv = _version(client, ref)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest)))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    rel = mlmodel["flavors"]["python_function"]["artifacts"]["weights"]["path"]
+    return local / rel
+
+
+def load_registered(ref: str, uri: str = ""):
+    """(network in eval mode, meta) of ``models:/NAME@ALIAS``: ``kdray predict --model``."""
+    import tempfile
+
+    from kdray.inference import model_from_checkpoint
+    with tempfile.TemporaryDirectory(prefix="kdray-model-") as tmp:
+        return model_from_checkpoint(download_weights(ref, tmp, uri))
+
+
+def _describe(client: MlflowClient, mv) -> dict:
+    aliases = list(getattr(mv, "aliases", []) or [])
+    out = {"name": mv.name, "version": mv.version, "aliases": aliases, "run_id": mv.run_id,
+           "source": mv.source, "status": mv.status, "tags": dict(mv.tags or {}),
+           "created": mv.creation_timestamp}
+    if mv.run_id:
+        try:
+            out["metrics"] = client.get_run(mv.run_id).data.metrics
+        except MlflowException:
+            pass
+    return out
+
+
+def list_models(uri: str = "") -> list[dict]:
+    """Registered kdray models: name, aliases -> version, latest version."""
+    uri = resolve_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    out = []
+    for rm in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{rm.name}'")
+        out.append({"name": rm.name, "aliases": dict(rm.aliases or {}),
+                    "latest_version": max((int(v.version) for v in versions), default=None),
+                    "versions": len(versions)})
+    return sorted(out, key=lambda m: m["name"])
+
+
+def show_model(ref: str, uri: str = "") -> dict:
+    """One version (``NAME@ALIAS`` or ``NAME/VERSION``): tags, run, metrics, aliases."""
+    uri = resolve_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    mv = _version(client, ref)
+    info = _describe(client, mv)
+    rm = client.get_registered_model(mv.name)
+    info["aliases"] = sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version))
+    return info
+
+
+def warn(msg: str) -> None:
+    print(f"kdray: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,40 @@
+"""CDKD, cross-resolution distillation, top to bottom.
+
+    teacher (high resolution) -> CDKD student (low resolution: SAPE + CCA + ETHT)
+            -> evaluation -> registration
+
+    python pipelines/cdkd.py [--config configs/cdkd_demo.yaml] [dotted.key=value ...]
+
+The teacher stage is the same cached stage as in pipelines/two_stage.py: with the same teacher
+and data config it is trained once and shared. Ends with one JSON line (and summary.json).
+"""
+from __future__ import annotations
+
+import sys
+
+from kdray.orchestration.pipeline import Pipeline, parse_args, primary_metric
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, cfg = parse_args("cdkd", argv, __doc__)
+    with Pipeline("cdkd", cfg, args) as p:
+        teacher = p.teacher(args.teacher)                          # trained once, or given
+        student = p.stage("cdkd", teacher=teacher)                 # low-res student
+
+        m = primary_metric(p.cfg)
+        name = m.removeprefix("val_")
+        runs = {"teacher": teacher, "cdkd": student}
+        metrics = {f"{name}_{k}": r.metrics.get(m) for k, r in runs.items()}
+        metrics.update({f"seconds_{k}": round(r.wall_seconds, 1) for k, r in runs.items()})
+        metrics.update({f"reused_{k}": float(r.reused) for k, r in runs.items()})
+        metrics.update({k: v for k, v in student.metrics.items()
+                        if k.startswith(("tau", "xi", "alpha", "beta"))})
+
+        for result in (teacher, student):                          # registration
+            p.register(result)
+        return p.finish(metrics)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)

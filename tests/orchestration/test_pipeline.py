@@ -1,0 +1,215 @@
+"""The two-stage pipeline end to end on a real local Ray and a real MLflow store.
+
+One scenario, checked by several tests (a pipeline run is the expensive part):
+
+1. ``python pipelines/two_stage.py`` in a subprocess; its stage-1 worker hangs at epoch 2
+   (after epoch 1's checkpoint went to Ray) and the driver is killed (SIGKILL);
+2. the same command again (in this process): it reuses the finished teacher and resumes
+   stage 1, then finishes, prints its summary line and registers the models;
+3. the same command a third time: every stage is reused and no model version is added.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from kdray.config import load_config, with_overrides
+from kdray.orchestration import pipeline, ray_train
+from kdray.stages import stage_inputs
+
+from .conftest import FAST, REPO, SMOKE
+
+SCRIPT = REPO / "pipelines" / "two_stage.py"
+
+
+def _two_stage():
+    spec = importlib.util.spec_from_file_location("two_stage_pipeline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_in_process(argv: list[str]) -> tuple[dict, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        summary = _two_stage().main(argv)
+    return summary, out.getvalue(), err.getvalue()
+
+
+def _kill_ray_under(ray_tmp: str) -> None:
+    """Stop what the killed driver's private Ray left behind: processes whose command line
+    names its own temp dir (ours alone), by pid."""
+    found = subprocess.run(["pgrep", "-f", "--", ray_tmp], capture_output=True, text=True)
+    for pid in map(int, found.stdout.split()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory, smoke_data, ray_local):
+    storage = tmp_path_factory.mktemp("two_stage")
+    argv = ["--config", str(SMOKE), "--storage", str(storage), "--no-probe", *FAST,
+            f"data.root={smoke_data}", "student.train.epochs=2"]
+    cfg = pipeline.resolve_config(load_config(SMOKE, argv[5:]), storage)
+    teacher_key = pipeline.stage_key("teacher", cfg, {})
+    stage1_key = pipeline.stage_key("student", cfg, {"teacher": teacher_key})
+    cache = storage / "runs" / "stages"
+
+    # 1. The driver, killed while its stage-1 worker waits at epoch 2.
+    marker = storage / "hang.marker"
+    ray_tmp = tempfile.mkdtemp(prefix="kr-")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "KDRAY_PROGRESS": "0", "RAY_TMPDIR": ray_tmp,
+           "KDRAY_FAULT_AT_EPOCH": "2", "KDRAY_FAULT_STAGE": "student",
+           "KDRAY_FAULT_ACTION": "hang", "KDRAY_FAULT_MARKER": str(marker)}
+    env.pop("RAY_ADDRESS", None)
+    log = open(storage / "killed_driver.log", "w")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=storage, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not marker.exists():
+            assert proc.poll() is None, (storage / "killed_driver.log").read_text()[-3000:]
+            assert time.time() < deadline, "stage 1 never reached epoch 2"
+            time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _kill_ray_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        log.close()
+    teacher_marker = cache / f"teacher-{teacher_key}" / "stage.json"
+    killed = {"teacher_mtime": teacher_marker.stat().st_mtime_ns,
+              "teacher_attempts": ray_train.read_attempts(teacher_marker.parent),
+              "stage1_done": (cache / f"student-{stage1_key}" / "stage.json").exists()}
+
+    # 2. The same command again, then 3. once more.
+    second = _run_in_process(argv)
+    saved = json.loads((storage / "runs" / "two_stage" / "summary.json").read_text())
+    third = _run_in_process(argv)
+    return {"storage": storage, "cache": cache, "argv": argv, "killed": killed,
+            "teacher_dir": teacher_marker.parent, "stage1_dir": cache / f"student-{stage1_key}",
+            "second": second, "saved": saved, "third": third,
+            "uri": second[0]["outputs"]["mlflow_uri"]}
+
+
+def test_driver_killed_in_stage1_rerun_reuses_teacher_and_resumes(scenario):
+    killed, (summary, _, err) = scenario["killed"], scenario["second"]
+    assert not killed["stage1_done"], "stage 1 had finished before the driver was killed"
+    # The teacher was not trained again: same marker file, one training attempt, log says so.
+    teacher_marker = scenario["teacher_dir"] / "stage.json"
+    assert teacher_marker.stat().st_mtime_ns == killed["teacher_mtime"]
+    assert ray_train.read_attempts(scenario["teacher_dir"]) == killed["teacher_attempts"]
+    assert len(killed["teacher_attempts"]) == 1
+    assert "teacher: reused finished stage teacher" in err
+    assert summary["metrics"]["reused_teacher"] == 1.0
+    # Stage 1 resumed from Ray's epoch-1 checkpoint instead of starting over.
+    starts = [a["start_epoch"] for a in ray_train.read_attempts(scenario["stage1_dir"])]
+    assert starts == [1, 2], starts
+    assert "stage1: resuming stage student" in err
+    history = json.loads((scenario["stage1_dir"] / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_pipeline_prints_summary_and_writes_summary_json(scenario):
+    summary, stdout, _ = scenario["second"]
+    line = [x for x in stdout.splitlines() if x.startswith("{")][-1]
+    assert json.loads(line) == summary
+    assert scenario["saved"] == summary                    # runs/two_stage/summary.json
+    assert summary["pipeline"] == "two_stage" and summary["mlflow_run_id"]
+    m = summary["metrics"]
+    for k in ("AP_teacher", "AP_baseline", "AP_stage1", "AP_stage2", "err_occluded_stage1",
+              "err_occluded_stage2", "seconds_teacher", "seconds_stage1", "seconds_stage2",
+              "seconds_baseline"):
+        assert isinstance(m[k], float), k
+    assert set(summary["outputs"]["stages"]) == {"teacher", "stage1", "stage2", "baseline"}
+
+
+def test_mlflow_holds_parent_child_runs_metrics_artifacts_and_models(scenario):
+    from mlflow.tracking import MlflowClient
+    summary, uri = scenario["second"][0], scenario["uri"]
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["student.model.backbone"] == "mobilenetv3_small_100"
+    assert "AP_stage2" in parent.data.metrics
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_label = {r.data.tags["kdray.label"]: r for r in children}
+    assert set(by_label) == {"teacher", "stage1", "stage2", "baseline"}
+    assert by_label["teacher"].data.tags["kdray.reused"] == "true"
+    stage1 = by_label["stage1"]
+    assert stage1.info.status == "FINISHED"
+    assert stage1.data.params["tsd.stage1.alpha"]
+    steps = {m.step for m in client.get_metric_history(stage1.info.run_id, "loss_fea")}
+    assert steps == {1, 2}                                 # per epoch, step = epoch
+    for key in ("loss", "lr", "throughput", "val_AP"):
+        assert key in stage1.data.metrics, key
+    names = {a.path for a in client.list_artifacts(stage1.info.run_id)}
+    assert {"config.yaml", "loss_curve.png", "poses.png", "metrics.json"} <= names
+    # Registered, with aliases, and loadable as a pyfunc that takes crops.
+    for name in ("kdray-teacher", "kdray-tsd-student", "kdray-tsd-refined"):
+        mv = client.get_model_version_by_alias(name, "champion")
+        assert client.get_model_version_by_alias(name, "candidate").version == mv.version
+        assert mv.tags["stage_key"] and mv.tags["val_set"] and mv.tags["metric"] == "val_AP"
+    import mlflow
+    import numpy as np
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/kdray-tsd-refined@champion")
+    assert model.predict(np.zeros((2, 64, 64, 3), np.uint8)).shape == (2, 17, 3)
+
+
+def test_predict_and_registry_cli_from_models_uri(scenario, real_data, tmp_path, monkeypatch,
+                                                   capsys):
+    from kdray import cli
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", scenario["uri"])
+    out = tmp_path / "pose.png"
+    image = real_data / "coco" / "000000000785.jpg"
+    assert cli.main(["predict", "--model", "models:/kdray-tsd-refined@champion", str(image),
+                     "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    capsys.readouterr()
+    assert cli.main(["registry", "list"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert set(listed) == {"kdray-teacher", "kdray-tsd-student", "kdray-tsd-refined"}
+    assert listed["kdray-tsd-refined"]["aliases"] == {"candidate": 1, "champion": 1}
+    assert cli.main(["registry", "show", "kdray-tsd-refined@champion"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["aliases"] == ["candidate", "champion"] and shown["version"] in (1, "1")
+    assert cli.main(["registry", "show", "kdray-tsd-refined@nope"]) == 2
+
+
+def test_third_run_reuses_every_stage_and_adds_no_version(scenario):
+    summary, _, err = scenario["third"]
+    assert all(summary["metrics"][f"reused_{k}"] == 1.0
+               for k in ("teacher", "stage1", "stage2", "baseline"))
+    assert err.count("reused finished stage") == 4
+    assert summary["outputs"]["models"] == scenario["second"][0]["outputs"]["models"]
+    assert summary["metrics"]["AP_stage2"] == scenario["second"][0]["metrics"]["AP_stage2"]
+
+
+def test_stage_keys_depend_only_on_what_the_stage_uses():
+    cfg = load_config(SMOKE)
+    other_tsd = with_overrides(cfg, {"tsd.stage1.alpha": 1.0, "tsd.stage2.hidden": 8,
+                                              "cdkd.projectors": 2, "ray.num_workers": 2,
+                                              "data.num_workers": 1, "tracking.experiment": "x"})
+    key = pipeline.stage_key
+    assert key("teacher", cfg, {}) == key("teacher", other_tsd, {})
+    base = pipeline.baseline_config(cfg)
+    assert stage_inputs("student", base) == ()
+    assert key("student", base, {}) == key("student", pipeline.baseline_config(other_tsd), {})
+    assert key("student", cfg, {"teacher": "a"}) != key("student", cfg, {"teacher": "b"})
+    assert key("student", cfg, {"teacher": "a"}) != key("student", other_tsd, {"teacher": "a"})
+    assert key("teacher", cfg, {}) != key("teacher", with_overrides(
+        cfg, {"teacher.train.lr": 1e-4}), {})
