@@ -26,10 +26,10 @@ from kdray.data.synth_figure import JOINT_PARTS, PART, draw, extent, keypoints, 
 
 SPLITS = {"train": 0, "val": 1}
 PERSONS_PER_IMAGE = (1, 2, 3, 4)
-PERSONS_P = (.2, .3, .28, .22)
+PERSONS_P = (.4, .3, .18, .12)
 OCCLUDER = 255                         # label-map value of occluder pixels
-OCCLUDER_P = .2                        # chance that an object hides part of a person
-CROWD_P = .75                          # chance that a multi-person image is a crowd
+OCCLUDER_P = .15                       # chance that an object hides part of a person
+CROWD_P = .4                           # chance that a multi-person image is a crowd
 JPEG_QUALITY = 90
 
 
