@@ -4,7 +4,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.kdray-installed
 PYBIN   := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-all clean
 
 setup: $(STAMP)
 
