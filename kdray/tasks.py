@@ -37,6 +37,18 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def student_task_loss(model: nn.Module, images: torch.Tensor, batch: dict, suffix: str = ""):
+    """The student's forward on one view and its SimCC task loss L_KL (targets ``*{suffix}``).
+
+    Returns (model outputs, logits_x (B, K, Wx) fp32, logits_y (B, K, Hy) fp32, loss).
+    """
+    out = model(images)
+    lx, ly = out["logits_x"].float(), out["logits_y"].float()
+    loss = simcc_kl_loss(lx, ly, batch["target_x" + suffix], batch["target_y" + suffix],
+                         batch["target_weight" + suffix], beta=BETA)
+    return out, lx, ly, loss
+
+
 class _Task(nn.Module):
     """Shared plumbing: frozen members stay in eval mode whatever ``train()`` is called with."""
     frozen: tuple[str, ...] = ()
@@ -73,9 +85,7 @@ class SimCCTask(_Task):
         self.backbone = backbone_name(model)
 
     def forward(self, batch: dict, progress) -> dict:
-        out = self.model(normalize(batch["image"]))
-        l_kl = simcc_kl_loss(out["logits_x"].float(), out["logits_y"].float(), batch["target_x"],
-                             batch["target_y"], batch["target_weight"], beta=BETA)
+        *_, l_kl = student_task_loss(self.model, normalize(batch["image"]), batch)
         return {"loss": l_kl, "loss_kl": l_kl}
 
     @torch.no_grad()
@@ -108,10 +118,7 @@ class TSDStage1Task(SimCCTask):
 
     def forward(self, batch: dict, progress) -> dict:
         images = normalize(batch["image"])
-        s = self.model(images)
-        s_lx, s_ly = s["logits_x"].float(), s["logits_y"].float()
-        l_kl = simcc_kl_loss(s_lx, s_ly, batch["target_x"], batch["target_y"],
-                             batch["target_weight"], beta=BETA)
+        s, s_lx, s_ly, l_kl = student_task_loss(self.model, images, batch)
         terms = {"loss_kl": l_kl}
         zero = l_kl.new_zeros(())
         l_fea = l_pos = zero
@@ -211,10 +218,8 @@ class CDKDTask(_Task):
         return learnable(xi) if learnable is not None else fixed
 
     def forward(self, batch: dict, progress) -> dict:
-        s = self.model(normalize(batch["image_low"]))
-        s_lx, s_ly = s["logits_x"].float(), s["logits_y"].float()
-        l_ori = simcc_kl_loss(s_lx, s_ly, batch["target_x_low"], batch["target_y_low"],
-                              batch["target_weight_low"], beta=BETA)
+        s, s_lx, s_ly, l_ori = student_task_loss(self.model, normalize(batch["image_low"]),
+                                                 batch, "_low")
         terms = {"loss_ori": l_ori}
         zero = l_ori.new_zeros(())
         l_fea = l_logit = zero
