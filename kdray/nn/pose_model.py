@@ -20,6 +20,7 @@ last fusion layers get no gradient from the SimCC loss alone (DDP: find_unused_p
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from kdray.config import ModelConfig
@@ -78,7 +79,10 @@ class PoseModel(nn.Module):
     def forward(self, images: Tensor) -> dict:
         maps = self.backbone(images)                  # timm order: high -> low resolution
         feats = [maps[i] for i in self._order]
-        logits_x, logits_y = self.head(feats[-1])
+        # the classifiers stay in fp32 under autocast: softmax(10 * logits) over ~200 bins needs
+        # more than bf16's 8 mantissa bits (SimCC training diverged with a bf16 head on CPU)
+        with torch.autocast(images.device.type, enabled=False):
+            logits_x, logits_y = self.head(feats[-1].float())
         return {"feats": feats, "logits_x": logits_x, "logits_y": logits_y}
 
 
