@@ -58,6 +58,10 @@ class DataConfig:
     rotation_prob: float = _f(0.6, lo=0.0, hi=1.0)
     half_body_prob: float = _f(0.3, lo=0.0, hi=1.0)
     num_workers: int = _f(2, lo=0, hi=64)
+    # Training crops from pre-warped Parquet shards (kdray/data/shards.py): built once per
+    # dataset + crop-config hash. auto = on for >= 1000 training persons (bench/RESULTS.md).
+    shards: str = _f("off", choices=("auto", "on", "off"))
+    shard_codec: str = _f("raw", choices=("raw", "jpeg"))  # raw: no decode; jpeg: ~10x smaller
     max_train: int = _f(0, lo=0)          # 0 = every training person; else the first N (smoke runs)
     synth: SynthConfig = _f(SynthConfig())
 

@@ -17,6 +17,7 @@ from kdray.config import ExperimentConfig, StageConfig, TrainConfig, to_dict
 from kdray.data.coco import load_dataset
 from kdray.data.dataset import PoseDataset, make_loader
 from kdray.data.keypoints import KeypointSpec
+from kdray.data.shards import train_dataset
 from kdray.eval.runner import ValSet, make_evaluator
 from kdray.inference import model_from_checkpoint, pose_model_meta
 from kdray.losses import tsd
@@ -143,7 +144,7 @@ def build_stage(stage: str, cfg: ExperimentConfig, inputs: dict[str, str] | None
     task, scfg = _task(stage, cfg, spec, train_recs, inputs)
     size, low = _sizes(stage, cfg)
     task.meta = pose_model_meta(stage, cfg, scfg.model, spec, low or size)
-    train_ds = PoseDataset(train_recs, spec, cfg.data, train=True, low_res_size=low)
+    train_ds = train_dataset(train_recs, spec, cfg.data, low_res_size=low)  # data.shards
     val_ds = PoseDataset(val_recs, spec, cfg.data, train=False, low_res_size=low)
     t = scfg.train
     train_loader = make_loader(train_ds, t.batch_size, True, cfg.data.num_workers, t.seed)

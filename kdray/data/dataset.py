@@ -76,14 +76,14 @@ class PoseDataset(Dataset):
             rng = np.random.default_rng(seed if seed is not None else
                                         np.random.randint(0, 2**62, dtype=np.int64))
         crop = sample_crop(rec.bbox, rec.keypoints, self.spec, self.cfg, self.aspect_wh, rng)
-        image = read_image(rec.image_path)  # BGR; converted to RGB on the (smaller) crop
-        item = self._view(image, crop, rec.keypoints, self.input_size, self.codec, "")
+        image, to_source = self.load_source(index)  # BGR; RGB on the (smaller) crop
+        item = self._view(image, crop, rec.keypoints, self.input_size, self.codec, "", to_source)
         if self.low_res_size:
             # Warp the source again with an affine composed for the low size, rather than
             # resizing the high-res crop: one interpolation from the original pixels (no double
             # blur) and keypoints that are exactly keypoints * low/high (transforms.py).
             item.update(self._view(image, crop, rec.keypoints, self.low_res_size,
-                                   self.codec_low, "_low"))
+                                   self.codec_low, "_low", to_source))
         item.update(
             center=torch.from_numpy(np.asarray(crop.center, np.float32)),
             scale=torch.from_numpy(np.asarray(crop.scale, np.float32)),
@@ -93,10 +93,19 @@ class PoseDataset(Dataset):
             bbox_score=torch.tensor(rec.score, dtype=torch.float32))
         return item
 
+    def load_source(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The pixels crops are warped from: BGR uint8 (H, W, 3), and the (2, 3) affine from
+        image to source pixels (None: the source is the image). ``ShardDataset``
+        (kdray/data/shards.py) returns a pre-warped crop and its affine instead."""
+        return read_image(self.records[index].image_path), None
+
     def _view(self, image: np.ndarray, crop: CropParams, keypoints: np.ndarray,
-              size: tuple[int, int], codec: SimCCCodec, suffix: str) -> dict[str, torch.Tensor]:
+              size: tuple[int, int], codec: SimCCCodec, suffix: str,
+              to_source: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         m = crop.affine(size)
-        patch = warp(image, m, size)
+        # Keypoints always go through m (image -> crop); pixels come from the source, so the
+        # warp uses m . to_source^-1 (source -> crop), exact up to float64 rounding.
+        patch = warp(image, m if to_source is None else _compose_inverse(m, to_source), size)
         chw = np.ascontiguousarray(patch[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC -> RGB CHW
         kp = transform_points(keypoints[:, :2], m)
         vis = keypoints[:, 2].astype(np.float32)
@@ -109,6 +118,12 @@ class PoseDataset(Dataset):
         if not suffix:
             out["visible"] = torch.from_numpy(vis)
         return {k + suffix: v for k, v in out.items()}
+
+
+def _compose_inverse(m: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """(2, 3) affine ``m . a^-1`` for (2, 3) affines ``m`` and invertible ``a``."""
+    full = np.vstack([np.asarray(a, np.float64), [0.0, 0.0, 1.0]])
+    return (np.vstack([m, [0.0, 0.0, 1.0]]) @ np.linalg.inv(full))[:2]
 
 
 def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
