@@ -16,6 +16,7 @@ from kdray.codecs.simcc import SimCCCodec, sigma_for_size
 from kdray.config import ExperimentConfig, StageConfig, TrainConfig, to_dict
 from kdray.data.coco import load_dataset
 from kdray.data.dataset import PoseDataset, make_loader
+from kdray.data.frozen_cache import cached_loaders, ensure_cache
 from kdray.data.keypoints import KeypointSpec
 from kdray.data.shards import train_dataset
 from kdray.eval.runner import ValSet, make_evaluator
@@ -25,7 +26,7 @@ from kdray.nn.igp_gcn import IGPGCN
 from kdray.nn.pose_model import build_pose_model
 from kdray.nn.refined import gcn_feature_channels
 from kdray.tasks import CDKDTask, SimCCTask, TSDStage1Task, TSDStage2Task
-from kdray.train import FitResult, fit, seed_everything
+from kdray.train import FitResult, fast_paths, fit, seed_everything
 
 STAGES = ("teacher", "student", "gcn", "cdkd")
 METRIC = {"coco": "coco", "synthpose": "coco", "crowdpose": "crowdpose", "mpii": "pckh"}
@@ -133,7 +134,9 @@ def _normalised_keypoints(records):
 
 
 def build_stage(stage: str, cfg: ExperimentConfig, inputs: dict[str, str] | None = None,
-                records=None) -> BuiltStage:
+                records=None, frozen: str | Path | None = None) -> BuiltStage:
+    """The stage's task, loaders and evaluator. ``frozen``: a gcn stage reads the frozen
+    networks' outputs from this cache (:func:`build_frozen_cache`) instead of running them."""
     inputs = inputs or {}
     missing = [r for r in stage_inputs(stage, cfg) if r not in inputs]
     if missing:
@@ -147,19 +150,36 @@ def build_stage(stage: str, cfg: ExperimentConfig, inputs: dict[str, str] | None
     train_ds = train_dataset(train_recs, spec, cfg.data, low_res_size=low)  # data.shards
     val_ds = PoseDataset(val_recs, spec, cfg.data, train=False, low_res_size=low)
     t = scfg.train
-    train_loader = make_loader(train_ds, t.batch_size, True, cfg.data.num_workers, t.seed)
-    val_loader = make_loader(val_ds, t.batch_size * 2, False, cfg.data.num_workers, t.seed)
+    if frozen is not None and stage == "gcn":
+        train_loader, val_loader = cached_loaders(frozen, t.batch_size, t.seed)
+    else:
+        train_loader = make_loader(train_ds, t.batch_size, True, cfg.data.num_workers, t.seed)
+        val_loader = make_loader(val_ds, t.batch_size * 2, False, cfg.data.num_workers, t.seed)
     data = cfg.data
     val = ValSet(val_recs, Path(data.root) / data.val_ann, METRIC[data.dataset], low or size,
                  crowd_buckets=data.dataset == "synthpose")
     return BuiltStage(task, t, train_loader, make_evaluator(val_loader, val, t.flip_test), val)
 
 
+def build_frozen_cache(cfg: ExperimentConfig, inputs: dict[str, str], cache_dir: str | Path,
+                       records=None) -> Path:
+    """Run the frozen stage-1 student (and teacher) once over every stage-2 training epoch and
+    the val set; Parquet shards in ``cache_dir`` (kdray/data/frozen_cache.py)."""
+    train_recs, val_recs, spec = records or load_records(cfg)
+    built = build_stage("gcn", cfg, inputs, (train_recs, val_recs, spec))
+    t = built.train_cfg
+    val_ds = PoseDataset(val_recs, spec, cfg.data, train=False)
+    cl = fast_paths(t, built.task.backbone, torch.device("cpu")).channels_last
+    return ensure_cache(cache_dir, built.task, built.train_loader.dataset, val_ds, t.seed,
+                        t.epochs, t.flip_test, num_workers=cfg.data.num_workers,
+                        channels_last=cl)
+
+
 def run_stage(stage: str, cfg: ExperimentConfig, out_dir: str | Path,
               inputs: dict[str, str] | None = None, report=None, resume_from=None,
-              records=None) -> FitResult:
+              records=None, frozen: str | Path | None = None) -> FitResult:
     """Build and fit one stage in this process; checkpoints and metrics land in ``out_dir``."""
-    built = build_stage(stage, cfg, inputs, records)
+    built = build_stage(stage, cfg, inputs, records, frozen)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))

@@ -145,6 +145,11 @@ class TSDStage1Task(SimCCTask):
 
 
 
+def cached_feats(batch: dict) -> list[torch.Tensor]:
+    """The student maps (coarse -> fine) of a batch read from the frozen-output cache."""
+    return [batch[f"feat{i}"] for i in range(3)]
+
+
 class TSDStage2Task(_Task):
     """TSD stage 2, Eqs. (6)-(7): the IGP-GCN learns on the frozen student.
 
@@ -172,9 +177,14 @@ class TSDStage2Task(_Task):
         return coords / self.model.wh
 
     def forward(self, batch: dict, progress) -> dict:
-        images = normalize(batch["image"])
-        poses = self.model.refine(images, flip_test=False)["poses"]
-        target = self._target(batch, images)
+        if "p_init" in batch:  # the frozen networks' outputs, read from kdray.data.frozen_cache
+            poses = self.model.refine_from(batch["p_init"], cached_feats(batch))["poses"]
+            target = (batch["teacher_xy"] if self.cfg.mode == "teacher"
+                      else batch["keypoints"] / self.model.wh)
+        else:
+            images = normalize(batch["image"])
+            poses = self.model.refine(images, flip_test=False)["poses"]
+            target = self._target(batch, images)
         mask = batch["target_weight"] > 0
         blocks = [tsd.gcn_block_loss(p, target, mask) for p in poses]
         loss = tsd.stage2_loss(blocks, (self.cfg.delta, self.cfg.lam, self.cfg.xi))
@@ -182,7 +192,8 @@ class TSDStage2Task(_Task):
 
     @torch.no_grad()
     def predict(self, batch: dict, flip_test: bool = True) -> dict:
-        out = self.model.refine(normalize(batch["image"]), flip_test=flip_test)
+        out = (self.model.refine_from(batch["p_init"], cached_feats(batch)) if "p_init" in batch
+               else self.model.refine(normalize(batch["image"]), flip_test=flip_test))
         return {"coords": out["poses"][-1] * self.model.wh,
                 "scores": out["scores"], "coords_init": out["coords_init"]}
 

@@ -50,16 +50,24 @@ class RefinedPoseModel(nn.Module):
         self.student.eval()  # frozen: BatchNorm statistics must not drift in stage 2
         return self
 
+    @torch.no_grad()  # the student is frozen in stage 2
+    def frozen_inputs(self, images: torch.Tensor, flip_test: bool = True) -> dict:
+        """The GCN's inputs from the frozen student: p_init (B, K, 3) and its three maps
+        (coarse -> fine). kdray/data/frozen_cache.py stores exactly these per epoch."""
+        lx, ly, out = simcc_logits(self.student, images, self.flip_index, flip_test,
+                                   self.codec.split_ratio)
+        coords, scores = self.codec.decode(lx, ly)
+        p_init = torch.cat([coords / self.wh, scores.unsqueeze(-1)], dim=-1)
+        return {"p_init": p_init, "feats": [out["feats"][i].float() for i in self.feat_index]}
+
     def refine(self, images: torch.Tensor, flip_test: bool = True) -> dict:
         """images (B, 3, H, W) normalised -> poses [P1, P2, P3] (B, K, 2) in [0, 1], scores."""
-        with torch.no_grad():  # the student is frozen in stage 2
-            lx, ly, out = simcc_logits(self.student, images, self.flip_index, flip_test,
-                                       self.codec.split_ratio)
-            coords, scores = self.codec.decode(lx, ly)
-            p_init = torch.cat([coords / self.wh, scores.unsqueeze(-1)], dim=-1)
-            feats = [out["feats"][i].float() for i in self.feat_index]
+        return self.refine_from(**self.frozen_inputs(images, flip_test))
+
+    def refine_from(self, p_init: torch.Tensor, feats: list[torch.Tensor]) -> dict:
+        """The GCN on given frozen-student outputs (computed now or read from a cache)."""
         poses = self.gcn(p_init, feats)
-        return {"poses": poses, "scores": scores, "coords_init": coords}
+        return {"poses": poses, "scores": p_init[..., 2], "coords_init": p_init[..., :2] * self.wh}
 
     def forward(self, images: torch.Tensor) -> dict:
         out = self.refine(images, flip_test=False)
