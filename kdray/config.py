@@ -88,7 +88,9 @@ class TrainConfig:
     grad_clip: float = _f(0.0, lo=0.0)    # max grad norm; 0 = off
     precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
     channels_last: str = _f("auto", choices=("auto", "on", "off"))
-    compile: bool = False
+    # torch.compile of the pose networks (in place: checkpoints keep their keys); auto = on
+    # CUDA only (on CPU the build takes minutes for a few-% gain: bench/RESULTS.md)
+    compile: str = _f("auto", choices=("auto", "on", "off"))
     eval_every: int = _f(1, lo=1)
     flip_test: bool = True
     seed: int = _f(0, lo=0)

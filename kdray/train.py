@@ -70,16 +70,31 @@ CPU_BF16_PREFIXES: tuple[str, ...] = ()
 class FastPaths:
     bf16: bool
     channels_last: bool
+    compile: bool = False
 
 
 def fast_paths(cfg: TrainConfig, backbone: str, device: torch.device) -> FastPaths:
+    """Resolve the ``auto`` choices of precision / channels_last / compile (issue 9,
+    bench/fast_paths.py). Host->device copies are ``non_blocking`` from pinned memory
+    (make_loader pins when CUDA is available)."""
     if cfg.precision == "auto":
         bf16 = device.type == "cuda" or (bool(CPU_BF16_PREFIXES)
                                          and backbone.startswith(CPU_BF16_PREFIXES))
     else:
         bf16 = cfg.precision == "bf16"
     cl = cfg.channels_last == "on" or cfg.channels_last == "auto"
-    return FastPaths(bf16=bf16, channels_last=cl)
+    comp = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    return FastPaths(bf16=bf16, channels_last=cl, compile=comp)
+
+
+def compile_pose_models(task: nn.Module) -> int:
+    """``Module.compile()`` (in place, state_dict keys unchanged) on every pose network of the
+    task (modules with ``backbone_info``); the losses and the Progress argument stay eager so
+    a changing ``progress.fraction`` never triggers a recompile. Returns how many."""
+    nets = [m for m in task.modules() if hasattr(m, "backbone_info")]
+    for m in nets:
+        m.compile()
+    return len(nets)
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -168,6 +183,8 @@ def fit(task: nn.Module, train_loader, cfg: TrainConfig, out_dir: str | Path | N
     fp = fast_paths(cfg, getattr(core, "backbone", ""), device)
     if fp.channels_last:
         task.to(memory_format=torch.channels_last)
+    if fp.compile:
+        compile_pose_models(core)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=fp.bf16)  # noqa: E731
     params = [p for p in core.trainable_parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)

@@ -1,0 +1,25 @@
+"""Fast-path resolution (issue 9): auto choices per device, torch.compile keeps checkpoint keys."""
+import torch
+
+from kdray.config import ModelConfig, TrainConfig
+from kdray.nn.pose_model import build_pose_model
+from kdray.train import compile_pose_models, fast_paths
+
+
+def test_auto_choices_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    fp = fast_paths(TrainConfig(), "hrnet_w18_small", cpu)
+    assert (fp.bf16, fp.channels_last, fp.compile) == (False, True, False)
+    fp = fast_paths(TrainConfig(), "hrnet_w18_small", cuda)
+    assert (fp.bf16, fp.channels_last, fp.compile) == (True, True, True)
+    fp = fast_paths(TrainConfig(precision="bf16", channels_last="off", compile="on"), "x", cpu)
+    assert (fp.bf16, fp.channels_last, fp.compile) == (True, False, True)
+
+
+def test_compile_in_place_keeps_state_dict_keys():
+    model = build_pose_model(ModelConfig(backbone="mobilenetv3_small_100"), 17, (64, 64), 2.0)
+    holder = torch.nn.Module()
+    holder.model = model
+    keys = list(holder.state_dict())
+    assert compile_pose_models(holder) == 1        # lazily compiled: no forward run here
+    assert list(holder.state_dict()) == keys
