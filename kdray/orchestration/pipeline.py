@@ -114,16 +114,19 @@ class Pipeline:
         self.results: dict[str, StageResult] = {}
         self.registered: dict[str, dict] = {}
         self._child_runs: dict[tuple[str, str], str] = {}   # (stage, key) -> this run's child
-        self.run_id = ""
+        self.run_id = ""   # set before entering to continue that parent run (a resumed sweep)
 
     # -- context: the parent run -------------------------------------------------------------
     def __enter__(self) -> "Pipeline":
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache.mkdir(parents=True, exist_ok=True)
         self.experiment_id = tracking.init_store(self.uri, self.cfg.tracking.experiment)
-        self.run_id = tracking.start_run(self.uri, self.experiment_id, self.name,
-                                         tags={"kdray.pipeline": self.name})
-        tracking.log_params(self.uri, self.run_id, flatten(self.cfg))
+        if self.run_id:
+            tracking.reopen_run(self.uri, self.run_id)
+        else:
+            self.run_id = tracking.start_run(self.uri, self.experiment_id, self.name,
+                                             tags={"kdray.pipeline": self.name})
+            tracking.log_params(self.uri, self.run_id, flatten(self.cfg))
         dump_yaml(self.cfg, self.out / "config.yaml")
         tracking.log_artifacts(self.uri, self.run_id, [self.out / "config.yaml"])
         log(f"{self.name}: out {self.out}, stage cache {self.cache}, MLflow {self.uri} "
@@ -363,5 +366,5 @@ def parse_args(pipeline: str, argv: list[str] | None = None, doc: str = "",
     if extra is not None:
         extra(p)
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # positionals (a sweep's space file) before options
     return args, load_config(args.config, args.overrides)

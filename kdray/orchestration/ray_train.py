@@ -111,7 +111,8 @@ def _fit_in_process(stage, cfg, stage_dir, inputs, mlflow, evaluate) -> FitResul
 
 def fit_on_ray(stage: str, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, str],
                run_name: str, storage_path: str | Path, mlflow=None,
-               evaluate: bool = True) -> FitResult:
+               evaluate: bool = True, callbacks: list | None = None) -> FitResult:
+    """``callbacks``: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -130,7 +131,7 @@ def fit_on_ray(stage: str, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[
         run_config=RunConfig(
             name=run_name, storage_path=_storage(storage_path),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)))
+            checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage}: Ray Train finished without a checkpoint")

@@ -87,11 +87,15 @@ def config_value(p: Param, sampled, base: ExperimentConfig):
     return sampled
 
 
-def define_by_run(space: SearchSpace):
+class define_by_run:  # noqa: N801 - used like a function; a class so Tune can pickle it
     """The Optuna define-by-run function: suggests each parameter whose ``when`` holds."""
-    def suggest(trial) -> None:
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial) -> None:
         chosen: dict = {}
-        for p in space.params:
+        for p in self.space.params:
             if any(chosen.get(k, _MISSING) != v for k, v in p.when.items()):
                 continue
             if p.kind in ("loguniform", "uniform"):
@@ -99,12 +103,9 @@ def define_by_run(space: SearchSpace):
                                                     log=p.kind == "loguniform")
             elif p.kind == "int":
                 chosen[p.key] = trial.suggest_int(p.key, int(p.args[0]), int(p.args[1]))
-            else:
-                chosen[p.key] = trial.suggest_categorical(p.key, p.labels)
-            # conditions compare config values, e.g. {cdkd.sau: true}
-            if p.kind in ("choice", "grid"):
-                chosen[p.key] = p.args[p.labels.index(chosen[p.key])]
-    return suggest
+            else:  # conditions compare config values, e.g. {cdkd.sau: true}
+                picked = trial.suggest_categorical(p.key, p.labels)
+                chosen[p.key] = p.args[p.labels.index(picked)]
 
 
 _MISSING = object()

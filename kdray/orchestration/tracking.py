@@ -102,6 +102,11 @@ def start_run(uri: str, experiment_id: str, name: str, parent_id: str | None = N
     return run.info.run_id
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again (a resumed sweep continues its parent run)."""
+    _retry(MlflowClient(uri).update_run, run_id, status="RUNNING")
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _retry(MlflowClient(uri).set_terminated, run_id, status)
 
@@ -228,8 +233,9 @@ def find_version(uri: str, name: str, stage_key: str) -> str | None:
 
 
 def register(uri: str, stage: str, model_uri: str | None, *, run_id: str, stage_key: str,
-             val_set: str, metric: str, value: float) -> dict:
-    """Register a logged model; alias ``candidate``; ``champion`` if it beats the champion.
+             val_set: str, metric: str, value: float, promote: bool = True) -> dict:
+    """Register a logged model; alias ``candidate``; ``champion`` if it beats the champion
+    (never with ``promote=False``: a sweep's best trial stays a candidate).
 
     The champion is compared on the same val set only (tag ``val_set``, a hash of the val
     annotations): a version scored on other data neither replaces it nor is replaced.
@@ -249,7 +255,8 @@ def register(uri: str, stage: str, model_uri: str | None, *, run_id: str, stage_
     _retry(client.set_registered_model_alias, name, CANDIDATE, version)
     champion = _alias_version(client, name, CHAMPION)
     is_champion = champion is not None and str(champion.version) == version
-    if champion is None or (not is_champion and _beats(value, metric, val_set, champion)):
+    if promote and (champion is None or (not is_champion
+                                         and _beats(value, metric, val_set, champion))):
         _retry(client.set_registered_model_alias, name, CHAMPION, version)
         is_champion = True
     return {"name": name, "version": version, "champion": is_champion,

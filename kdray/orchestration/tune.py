@@ -1,0 +1,265 @@
+"""Sweeps: a search space (kdray/orchestration/search_space.py) -> Ray Tune trials.
+
+One trial = one stage run (DESIGN.md section 5). The trial function builds the stage with the
+sampled config and fits it: in its Tune actor when the stage uses one worker (or none), on its
+own ``TorchTrainer`` (``TuneReportCallback``) when ``ray.num_workers > 1``. Optuna's TPE samples
+the define-by-run space; ASHA stops weak trials on the val metric (``time_attr = epoch``); at
+most as many trials run at once as the cluster's CPUs (GPUs) hold. The Tuner's state lives in
+``<out>/tune/``: ``--resume`` restores it (``Tuner.restore``), finished trials stay finished and
+an interrupted trial continues from the last checkpoint in its own folder
+``<out>/trials/<trial_id>/``, whose ``attempts.jsonl`` records every start. Each trial logs to
+its own MLflow child run of the sweep's parent run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
+from kdray.orchestration import ray_train, tracking
+from kdray.orchestration.search_space import SearchSpace, define_by_run
+
+# A GCN trial can read the frozen networks' cached outputs unless it changes what they are.
+FROZEN_CHANGERS = ("data.", "teacher.", "student.", "tsd.stage1.", "tsd.stage2.mode",
+                   "tsd.stage2.train.seed", "tsd.stage2.train.epochs",
+                   "tsd.stage2.train.flip_test")
+
+
+def uses_frozen_cache(space: SearchSpace) -> bool:
+    return space.stage == "gcn" and not any(p.key.startswith(FROZEN_CHANGERS)
+                                            for p in space.params)
+
+
+def trial_resources(cfg: ExperimentConfig, gpu: bool) -> tuple[dict, float, float]:
+    """(Tune resources of the trial actor, CPUs a trial occupies, GPUs a trial occupies)."""
+    r = cfg.ray
+    if r.num_workers > 1:  # the actor only drives its TorchTrainer (PITFALLS.md)
+        return {"CPU": 0.01}, r.num_workers * r.cpus_per_worker, r.num_workers * float(gpu)
+    res = {"CPU": r.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    return res, r.cpus_per_worker, float(gpu)
+
+
+def max_concurrent(cluster: dict, cpus: float, gpus: float) -> int:
+    """How many trials the cluster's resources run at once."""
+    n = int(cluster.get("CPU", 1) // max(cpus, 1e-9))
+    if gpus:
+        n = min(n, int(cluster.get("GPU", 0) // gpus))
+    return max(1, n)
+
+
+def frozen_outputs(p, inputs: dict) -> Path:
+    """The frozen stage-1 student's (and teacher's) outputs on every stage-2 epoch and the val
+    set (kdray/data/frozen_cache.py), computed once per (data, student, teacher, augmentation
+    schedule) into the stage cache ``p.cache`` and shared by every GCN trial."""
+    import dataclasses
+
+    from kdray.config import config_hash
+    from kdray.orchestration.pipeline import _lock
+    from kdray.stages import build_frozen_cache, stage_inputs
+    cfg, t = p.cfg, p.cfg.tsd.stage2.train
+    used = {n: inputs[n] for n in stage_inputs("gcn", cfg)}
+    key = config_hash("frozen", dataclasses.replace(cfg.data, num_workers=0),
+                      {n: r.key for n, r in sorted(used.items())}, t.seed, t.flip_test)
+    path = p.cache / f"frozen-{key}"
+    with _lock(p.cache / f"frozen-{key}.lock"):
+        t0 = time.perf_counter()
+        build_frozen_cache(cfg, {n: r.checkpoint for n, r in used.items()}, path)
+        log(f"frozen networks' outputs for {t.epochs} epochs in {path} "
+            f"({time.perf_counter() - t0:.1f} s)")
+    return path
+
+
+# ----------------------------------------------------------------------------- the trial
+
+def run_trial(config: dict, ctx: dict) -> None:
+    """The Tune function trainable: one stage with the sampled overrides."""
+    import torch
+    from ray import tune
+
+    base = from_dict(ctx["cfg"], "<sweep>")
+    space: SearchSpace = ctx["space"]
+    cfg = with_overrides(base, space.overrides(config, base), source="<trial>")
+    trial_id = tune.get_context().get_trial_id()
+    tdir = Path(ctx["out"]) / "trials" / trial_id
+    tdir.mkdir(parents=True, exist_ok=True)
+    _append(tdir / "attempts.jsonl", {"time": time.time(), "pid": os.getpid()})
+    run_id = _trial_run(ctx, tdir, trial_id, cfg, config)
+    torch.set_num_threads(max(1, int(ctx["cpus_per_trial"])))
+    from kdray.stages import stage_inputs
+    inputs = {n: ctx["inputs"][n] for n in stage_inputs(space.stage, cfg)}
+    # training seconds over all of the trial's attempts (a resumed trial adds to them)
+    seconds_file = tdir / "train_seconds"
+    before = float(seconds_file.read_text()) if seconds_file.exists() else 0.0
+    metric, t0, reported = ctx["metric"], time.perf_counter(), []
+
+    def seconds() -> float:
+        total = before + time.perf_counter() - t0
+        seconds_file.write_text(repr(total))
+        return total
+
+    def report(metrics: dict, ckpt_dir) -> None:
+        clean = tracking.numeric(metrics)
+        tracking.log_metrics(ctx["uri"], run_id, clean, step=int(clean.get("epoch", 0)))
+        if metric in clean:  # evaluated epochs only: ASHA and Optuna compare the val metric
+            reported.append(clean)
+            tune.report({**clean, "train_seconds": seconds()})
+
+    if cfg.ray.num_workers > 1:
+        from ray.tune.integration.ray_train import TuneReportCallback
+        cfg = with_overrides(cfg, {_eval_every_key(space.stage): 1})  # every report has it
+        result = ray_train.fit_on_ray(space.stage, cfg, tdir, inputs, f"train-{trial_id}",
+                                   tdir / "ray", (ctx["uri"], run_id),
+                                   callbacks=[TuneReportCallback()])
+    else:
+        from kdray.stages import build_stage
+        from kdray.train import fit, seed_everything
+        seed_everything(ray_train.train_seed(space.stage, cfg))
+        built = build_stage(space.stage, cfg, inputs, frozen=ctx["frozen"] or None)
+        result = fit(built.task, built.train_loader, built.train_cfg, tdir, built.evaluate,
+                  report=report)  # resumes from tdir/checkpoints/last.pt by itself
+    if not reported and cfg.ray.num_workers <= 1:
+        # killed after its last epoch but before Tune saw the trial end: nothing left to train
+        tune.report({**tracking.numeric(result.metrics), "train_seconds": before})
+    total = before if not reported else float(seconds_file.read_text())
+    (tdir / "result.json").write_text(json.dumps({"train_seconds": total,
+                                                  "metrics": result.metrics}, default=str))
+    tracking.log_metrics(ctx["uri"], run_id, {"train_seconds": total})
+    tracking.end_run(ctx["uri"], run_id)
+
+
+def _eval_every_key(stage: str) -> str:
+    return {"teacher": "teacher.train.eval_every", "student": "student.train.eval_every",
+            "gcn": "tsd.stage2.train.eval_every",
+            "cdkd": "cdkd.student.train.eval_every"}[stage]
+
+
+def _trial_run(ctx: dict, tdir: Path, trial_id: str, cfg, sampled: dict) -> str:
+    """The trial's MLflow child run: created once, reused when the trial is resumed."""
+    marker = tdir / "mlflow_run_id"
+    if marker.exists():
+        run_id = marker.read_text().strip()
+        tracking.reopen_run(ctx["uri"], run_id)
+        return run_id
+    from kdray.config import flatten
+    run_id = tracking.start_run(ctx["uri"], ctx["experiment_id"], f"trial-{trial_id}",
+                                parent_id=ctx["parent_run_id"],
+                                tags={"kdray.trial_id": trial_id, "kdray.stage": ctx["space"].stage,
+                                      "kdray.sampled": json.dumps(sampled, default=str)})
+    tracking.log_params(ctx["uri"], run_id, flatten(cfg))
+    marker.write_text(run_id)
+    return run_id
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_attempts(trial_dir: Path) -> list[dict]:
+    path = Path(trial_dir) / "attempts.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[str, str],
+          frozen: str, uri: str, experiment_id: str, parent_run_id: str, metric: str,
+          num_samples: int, resume: bool, seed: int = 0):
+    """Run (or resume) the Tuner; its ResultGrid."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    ray_train.ensure_ray()
+    gpu = ray_train._use_gpu(cfg)
+    resources, cpus, gpus = trial_resources(cfg, gpu)
+    ctx = {"cfg": to_dict(cfg), "space": space, "out": str(out), "inputs": dict(inputs),
+           "frozen": frozen, "uri": uri, "experiment_id": experiment_id,
+           "parent_run_id": parent_run_id, "metric": metric, "cpus_per_trial": cpus}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    storage, name = out / "tune", "sweep"
+    if resume and tune.Tuner.can_restore(str(storage / name)):
+        log(f"resuming the sweep in {storage / name}")
+        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True)
+        return tuner.fit()
+    epochs = _epochs(space.stage, cfg)
+    concurrent = max_concurrent(ray.cluster_resources(), cpus, gpus)
+    log(f"sweep over {len(space.params)} parameters of stage {space.stage}: {num_samples} "
+        f"trials, at most {concurrent} at once, ASHA on {metric} over {epochs} epochs")
+    searcher = OptunaSearch(space=define_by_run(space), metric=metric, mode="max", seed=seed,
+                            points_to_evaluate=space.grid_points() or None)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=metric, mode="max", search_alg=searcher, num_samples=num_samples,
+            max_concurrent_trials=concurrent, reuse_actors=True,  # no per-trial imports
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs,
+                                    grace_period=min(epochs, _eval_every(space.stage, cfg)),
+                                    reduction_factor=2, stop_last_trials=False)),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                  callbacks=[ProgressTable(metric, space)]))
+    return tuner.fit()
+
+
+def _train_cfg(stage: str, cfg: ExperimentConfig):
+    from kdray.stages import stage_config
+    scfg = stage_config(stage, cfg)
+    return getattr(scfg, "train", scfg)
+
+
+def _epochs(stage: str, cfg: ExperimentConfig) -> int:
+    return _train_cfg(stage, cfg).epochs
+
+
+def _eval_every(stage: str, cfg: ExperimentConfig) -> int:
+    return _train_cfg(stage, cfg).eval_every
+
+
+def log(msg: str) -> None:
+    print(f"[kdray] {msg}", file=sys.stderr, flush=True)
+
+
+def _progress_table_base():
+    from ray.tune import Callback
+    return Callback
+
+
+class ProgressTable(_progress_table_base()):
+    """A compact table of the trials on stderr whenever one finishes (or every 30 s)."""
+
+    def __init__(self, metric: str, space: SearchSpace, every_s: float = 30.0):
+        self.metric, self.keys, self.every_s = metric, [p.key for p in space.params], every_s
+        self.last: dict[str, dict] = {}
+        self.printed = 0.0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.last[trial.trial_id] = result
+        if time.monotonic() - self.printed > self.every_s:
+            self._print(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._print(trials)
+
+    def _print(self, trials) -> None:
+        self.printed = time.monotonic()
+        short = [k.split(".")[-1] for k in self.keys]
+        lines = [f"{'trial':10} {'status':10} {'epoch':>5} {self.metric:>9}  " + " ".join(
+            f"{s:>10}" for s in short)]
+        for t in trials:
+            r = self.last.get(t.trial_id, {})
+            m = r.get(self.metric)
+            vals = [t.config.get(k, "-") for k in self.keys]
+            lines.append(f"{t.trial_id:10} {t.status:10} {int(r.get('epoch', 0)):>5} "
+                         f"{m if m is None else round(m, 3)!s:>9}  " + " ".join(
+                             f"{_fmt(v):>10}" for v in vals))
+        done = sum(t.status == "TERMINATED" for t in trials)
+        log(f"sweep progress: {done}/{len(trials)} trials finished\n" + "\n".join(lines))
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

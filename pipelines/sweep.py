@@ -1,0 +1,137 @@
+"""A hyperparameter sweep over one stage, top to bottom.
+
+    python pipelines/sweep.py search_spaces/tsd_stage1.yaml [--config ...] [--num-samples N]
+    python pipelines/sweep.py search_spaces/cdkd.yaml --config configs/smoke.yaml --resume
+
+    validate the search space -> the stages it builds on, once (stage cache): the teacher, for
+    stage 2 also the stage-1 student and the frozen networks' outputs (Parquet shards)
+    -> Ray Tune: Optuna TPE (define-by-run) + ASHA, one MLflow child run per trial
+    -> best config as YAML, its model registered as `candidate`
+
+Interrupted (killed, machine lost)? The same command with --resume continues: finished trials
+are kept, unfinished ones resume from their last checkpoint. Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kdray.config import dump_yaml, with_overrides
+from kdray.orchestration import tracking
+from kdray.orchestration.pipeline import Pipeline, parse_args, primary_metric, stage_key
+from kdray.orchestration.search_space import load_space
+from kdray.stages import stage_inputs
+from kdray.orchestration.tune import frozen_outputs, sweep, uses_frozen_cache
+
+
+def _options(p) -> None:
+    p.add_argument("space", help="search space file (search_spaces/*.yaml)")
+    p.add_argument("--num-samples", type=int, default=8, help="number of trials (default 8)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep in --out instead of starting over")
+    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, cfg = parse_args("sweep", argv, __doc__, _options)
+    space = load_space(args.space, cfg)                # fails here, naming file and key
+    metric = space.metric or primary_metric(cfg)
+    p = Pipeline("sweep", cfg, args)
+    state = p.out / "sweep.json"                       # the parent run to continue on --resume
+    previous = json.loads(state.read_text()) if args.resume and state.exists() else {}
+    p.run_id = previous.get("mlflow_run_id", "")
+    with p:
+        if not previous:                               # a new sweep replaces an old one here
+            for old in ("tune", "trials"):
+                shutil.rmtree(p.out / old, ignore_errors=True)
+        state.write_text(json.dumps({"mlflow_run_id": p.run_id, "space": space.file}))
+        tracking.log_artifacts(p.uri, p.run_id, [Path(args.space)])
+
+        inputs = {}                                    # upstream stages, trained once
+        if space.stage != "teacher":
+            inputs["teacher"] = p.teacher(args.teacher)
+        if space.stage == "gcn":
+            inputs["student"] = p.stage("student", label="stage1", teacher=inputs["teacher"])
+        frozen = frozen_outputs(p, inputs) if uses_frozen_cache(space) else ""
+
+        t0 = time.perf_counter()
+        results = sweep(space, p.cfg, out=p.out, inputs={k: r.checkpoint for k, r in
+                                                         inputs.items()},
+                        frozen=str(frozen), uri=p.uri, experiment_id=p.experiment_id,
+                        parent_run_id=p.run_id, metric=metric, num_samples=args.num_samples,
+                        resume=bool(previous), seed=args.seed)
+        wall = time.perf_counter() - t0
+
+        trials = _close_trial_runs(p, results)
+        table = p.out / "trials.csv"
+        results.get_dataframe().to_csv(table, index=False)
+        best = results.get_best_result(metric, "max")
+        best_id = best.metrics["trial_id"]
+        best_cfg = with_overrides(p.cfg, space.overrides(best.config, p.cfg), "<best trial>")
+        dump_yaml(best_cfg, p.out / "best_config.yaml")
+        tracking.log_artifacts(p.uri, p.run_id, [table, p.out / "best_config.yaml"])
+        model = _register_candidate(p, space.stage, best_cfg, inputs, trials[best_id],
+                                    metric, best.metrics[metric])
+
+        train = sum(t["train_seconds"] for t in trials.values())
+        metrics = {f"best_{metric}": best.metrics[metric], "trials": float(len(trials)),
+                   "trials_finished": float(sum(t["finished"] for t in trials.values())),
+                   "sweep_seconds": round(wall, 1), "trial_train_seconds": round(train, 1),
+                   "overhead_ratio": round(wall / max(train, 1e-9), 3)}
+        return p.finish(metrics, {"best_config": str(p.out / "best_config.yaml"),
+                                  "best_trial": best_id, "trials_csv": str(table),
+                                  "tune_dir": str(p.out / "tune" / "sweep"),
+                                  "frozen_cache": str(frozen), "candidate": model,
+                                  "trial_attempts": {k: t["attempts"]
+                                                     for k, t in trials.items()}})
+
+
+def _close_trial_runs(p: Pipeline, results) -> dict[str, dict]:
+    """Per trial: its MLflow run, training seconds, attempts; runs that ASHA stopped mid-way
+    are closed here (the trial function never got to)."""
+    from mlflow.tracking import MlflowClient
+    from kdray.orchestration.tune import read_attempts
+    client, trials = MlflowClient(p.uri), {}
+    for r in results:
+        tid = r.metrics.get("trial_id") or Path(r.path).name.split("_")[2]
+        tdir = p.out / "trials" / tid
+        marker = tdir / "mlflow_run_id"
+        run_id = marker.read_text().strip() if marker.exists() else ""   # "" = failed early
+        finished = (tdir / "result.json").exists()
+        if r.error is not None:
+            tracking.warn(f"trial {tid} failed: {str(r.error).splitlines()[-1][:300]}")
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            tracking.set_tags(p.uri, run_id, {"kdray.early_stopped": "true"})
+            tracking.end_run(p.uri, run_id, "KILLED")
+        trials[tid] = {"run_id": run_id, "dir": tdir, "finished": finished,
+                       "train_seconds": float(r.metrics.get("train_seconds", 0.0)),
+                       "attempts": len(read_attempts(tdir))}
+    return trials
+
+
+def _register_candidate(p: Pipeline, stage: str, cfg, inputs: dict, trial: dict, metric: str,
+                        value: float) -> str:
+    """The best trial's model, registered under the stage's name with alias `candidate`."""
+    if not p.cfg.tracking.register:
+        return ""
+    key = stage_key(stage, cfg, {n: inputs[n].key for n in stage_inputs(stage, cfg)})
+    name = tracking.MODEL_NAMES[stage]
+    model_uri = None
+    if tracking.find_version(p.uri, name, key) is None:
+        with tempfile.TemporaryDirectory(prefix="kdray-export-") as tmp:
+            model_uri = tracking.log_pose_model(p.uri, trial["run_id"],
+                                                trial["dir"] / "checkpoints" / "last.pt",
+                                                tmp).model_uri
+    val_set = tracking.file_hash(Path(p.cfg.data.root) / p.cfg.data.val_ann)
+    reg = tracking.register(p.uri, stage, model_uri, run_id=trial["run_id"], stage_key=key,
+                            val_set=val_set, metric=metric, value=float(value), promote=False)
+    return f"models:/{reg['name']}/{reg['version']}"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)

@@ -1,0 +1,199 @@
+"""Search spaces and sweeps: validation before any trial, Optuna define-by-run, and a real sweep
+(local Ray with 2 CPUs, Optuna, MLflow in a temp dir) killed after its first finished trial and
+resumed with --resume.
+
+How the resume test sees that the finished trial is not rerun: every start of a trial function
+appends a line to ``<out>/trials/<trial_id>/attempts.jsonl``; the trial that had finished
+before the kill still has exactly one line after the resumed sweep, and all four trials end
+finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from kdray.config import ConfigError, load_config
+from kdray.orchestration.search_space import define_by_run, load_space
+
+from .conftest import FAST, REPO, SMOKE
+
+SCRIPT = REPO / "pipelines" / "sweep.py"
+
+
+def _space(tmp_path, params, stage="cdkd") -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"stage": stage, "params": params}))
+    return path
+
+
+@pytest.mark.parametrize("name", ["tsd_stage1", "tsd_stage2", "cdkd"])
+def test_shipped_spaces_are_valid(name):
+    space = load_space(REPO / "search_spaces" / f"{name}.yaml", load_config(SMOKE))
+    assert space.params and space.stage in ("student", "gcn", "cdkd")
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"cdkd.nope": {"uniform": [0, 1]}}, "cdkd.nope: unknown config field"),
+    ({"cdkd": {"uniform": [0, 1]}}, "cdkd: is a config section"),
+    ({"cdkd.alpha": {"normal": [0, 1]}}, "cdkd.alpha: expected exactly one distribution"),
+    ({"cdkd.alpha": {"uniform": [2.0, 1.0]}}, "cdkd.alpha: uniform: expected low < high"),
+    ({"cdkd.alpha": {"loguniform": [0.0, 1.0]}}, "cdkd.alpha: loguniform: expected low > 0"),
+    ({"cdkd.projectors": {"int": [1, 9]}}, "cdkd.projectors: value 9 is refused"),
+    ({"cdkd.projectors": {"uniform": [1.0, 3.0]}}, "cdkd.projectors: value 1.0 is refused"),
+    ({"cdkd.sau_kernels": {"choice": []}}, "cdkd.sau_kernels: choice: expected a non-empty"),
+    ({"cdkd.sau_kernels": {"choice": [[1, 1, 2, 0], [1, 2]]}},
+     "cdkd.sau_kernels: value '1-2' is refused"),
+    ({"cdkd.etht": {"choice": [["tau"], ["gamma"]]}}, "cdkd.etht: value ['gamma'] is refused"),
+    ({"cdkd.sau_kernels": {"choice": ["1-1-2-0"], "when": {"cdkd.sau": True}}},
+     "cdkd.sau_kernels: when: expected conditions on parameters listed above"),
+])
+def test_invalid_space_names_file_and_key(tmp_path, params, message):
+    path = _space(tmp_path, params)
+    with pytest.raises(ConfigError) as e:
+        load_space(path, load_config(SMOKE))
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="stage: expected one of"):
+        load_space(_space(tmp_path, {"cdkd.alpha": {"uniform": [0, 1]}}, stage="gan"),
+                   load_config(SMOKE))
+
+
+def test_define_by_run_samples_conditionals_and_decodes_labels():
+    cfg = load_config(SMOKE)
+    space = load_space(REPO / "search_spaces" / "cdkd.yaml", cfg)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=0))
+    seen = set()
+    for i in range(12):
+        trial = study.ask()
+        define_by_run(space)(trial)
+        values = space.overrides(trial.params, cfg)
+        seen.add(values["cdkd.sau"])
+        assert ("cdkd.sau_kernels" in values) == values["cdkd.sau"]   # conditional
+        if values["cdkd.sau"]:
+            assert values["cdkd.sau_kernels"] in {"1-1-1-0", "2-1-1-0", "3-1-1-0", "1-2-1-0",
+                                                  "1-1-2-0", "1-1-1-1"}
+        assert isinstance(values["cdkd.etht"], list)
+        assert all(isinstance(v, (str, int, float, bool)) for v in trial.params.values())
+        study.tell(trial, float(i))
+    assert seen == {True, False}
+
+
+def test_grid_values_are_tried_first(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+    cfg = load_config(SMOKE)
+    space = load_space(_space(tmp_path, {"cdkd.projectors": {"grid": [1, 3, 5]},
+                                         "cdkd.alpha": {"loguniform": [0.1, 10.0]}}), cfg)
+    searcher = OptunaSearch(space=define_by_run(space), metric="m", mode="max", seed=0,
+                            points_to_evaluate=space.grid_points())
+    firsts = [searcher.suggest(f"t{i}")["cdkd.projectors"] for i in range(3)]
+    assert firsts == [1, 3, 5]
+
+
+# ----------------------------------------------------------------------------- a real sweep
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("sweep_pipeline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _kill_ray_under(ray_tmp: str) -> None:
+    found = subprocess.run(["pgrep", "-f", "--", ray_tmp], capture_output=True, text=True)
+    for pid in map(int, found.stdout.split()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _finished_in_state(tune_dir: Path) -> bool:
+    """Tune's saved experiment state lists a TERMINATED trial (what --resume will read)."""
+    for f in tune_dir.glob("experiment_state-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            if "TERMINATED" in f.read_text():
+                return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, smoke_data, ray_local):
+    storage = tmp_path_factory.mktemp("sweep")
+    argv = [str(REPO / "search_spaces" / "cdkd.yaml"), "--config", str(SMOKE), "--storage",
+            str(storage), "--num-samples", "4", *FAST, f"data.root={smoke_data}"]
+    out = storage / "runs" / "sweep"
+    ray_tmp = tempfile.mkdtemp(prefix="ks-")
+    env = {**os.environ, "KDRAY_PROGRESS": "0", "RAY_TMPDIR": ray_tmp,
+           "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(storage / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=storage, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (list(out.glob("trials/*/result.json"))
+                   and _finished_in_state(out / "tune" / "sweep")):
+            assert proc.poll() is None, (storage / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no trial finished"
+            time.sleep(0.3)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _kill_ray_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        log.close()
+    before = {d.name for d in out.glob("trials/*") if (d / "result.json").exists()}
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.redirect_stderr(err):
+        summary = _sweep_module().main([*argv, "--resume"])
+    return {"before": before, "summary": summary, "stdout": stdout.getvalue(), "out": out,
+            "err": err.getvalue()}
+
+
+def test_resume_completes_the_sweep_without_rerunning_finished_trials(resumed):
+    summary, out = resumed["summary"], resumed["out"]
+    assert resumed["before"], "the first run was killed before any trial finished"
+    assert "resuming the sweep" in resumed["err"]
+    attempts = summary["outputs"]["trial_attempts"]
+    assert len(attempts) == 4 and summary["metrics"]["trials_finished"] == 4.0
+    for tid in resumed["before"]:
+        assert attempts[tid] == 1, (tid, attempts)           # not started again
+    assert all((out / "trials" / t / "result.json").exists() for t in attempts)
+
+
+def test_sweep_writes_best_config_summary_and_mlflow_runs(resumed):
+    from mlflow.tracking import MlflowClient
+    summary, out = resumed["summary"], resumed["out"]
+    line = [x for x in resumed["stdout"].splitlines() if x.startswith("{")][-1]
+    assert json.loads(line) == summary == json.loads((out / "summary.json").read_text())
+    best = load_config(summary["outputs"]["best_config"])     # a valid, complete config
+    assert 1 <= best.cdkd.projectors <= 5
+    m = summary["metrics"]
+    assert m["trials"] == 4.0 and m["sweep_seconds"] > 0 and m["trial_train_seconds"] > 0
+    client = MlflowClient(summary["outputs"]["mlflow_uri"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trials = {r.data.tags["kdray.trial_id"] for r in children if "kdray.trial_id" in r.data.tags}
+    assert trials == set(summary["outputs"]["trial_attempts"])     # one child run per trial
+    name, version = summary["outputs"]["candidate"].removeprefix("models:/").split("/")
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == version
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias(name, "champion")      # a sweep only proposes
