@@ -1,0 +1,191 @@
+"""The papers' ablation tables as Ray Tune grids: rows (configs/ablations.yaml) x seeds.
+
+Each (row, seed) is one Tune trial that runs the row's pipeline (TSD: stage 1, then stage 2
+unless the row has none; CDKD: the CDKD student) through the same cached stages as
+pipelines/two_stage.py and pipelines/cdkd.py. Rows that share a stage share its cache entry:
+Table IV's s4 and s6 train one stage-1 student, baseline, s1 and s5 one undistilled student; a
+stage wanted by two trials at once is trained by the first and reused by the second (a file
+lock per stage key). The teacher is trained (or found) once on the driver before the grid.
+The seed of seed k adds k to the student, stage-2 and CDKD training seeds (the teacher is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
+from kdray.orchestration import ray_train, tracking
+from kdray.orchestration.pipeline import Pipeline, StageResult, primary_metric, stage_key
+from kdray.stages import stage_inputs
+
+TABLES_FILE = Path(__file__).resolve().parents[2] / "configs" / "ablations.yaml"
+SEED_KEYS = ("student.train.seed", "tsd.stage2.train.seed", "cdkd.student.train.seed")
+
+
+def load_table(name: str, path: str | Path = TABLES_FILE) -> dict:
+    tables = yaml.safe_load(Path(path).read_text())
+    if name not in tables:
+        raise KeyError(f"{path}: no table {name!r} (known: {', '.join(tables)})")
+    return tables[name]
+
+
+def row_config(cfg: ExperimentConfig, table: dict, row: str, seed: int) -> ExperimentConfig:
+    """The row's overrides, then the seed offset on every trained stage but the teacher."""
+    cfg = with_overrides(cfg, table["rows"][row]["set"], source=f"ablations.yaml: {row}")
+    base = {"student.train.seed": cfg.student.train.seed,
+            "tsd.stage2.train.seed": cfg.tsd.stage2.train.seed,
+            "cdkd.student.train.seed": cfg.cdkd.student.train.seed}
+    return with_overrides(cfg, {k: v + seed for k, v in base.items()})
+
+
+def row_stages(pipeline: str, cfg: ExperimentConfig, teacher_key: str) -> list[tuple[str, str]]:
+    """The (stage, key) pairs a row runs after the teacher: what the stage cache dedupes."""
+    if pipeline == "cdkd":
+        return [("cdkd", stage_key("cdkd", cfg, {"teacher": teacher_key}))]
+    keys = {"teacher": teacher_key}
+    keys["student"] = stage_key("student", cfg, {n: keys[n] for n in
+                                                 stage_inputs("student", cfg)})
+    out = [("student", keys["student"])]
+    if cfg.tsd.stage2.mode != "none":
+        out.append(("gcn", stage_key("gcn", cfg, {n: keys[n] for n in stage_inputs("gcn", cfg)})))
+    return out
+
+
+def plan(table: dict, cfg: ExperimentConfig, seeds: int, teacher_key: str) -> dict:
+    """How many stage runs the table takes with the stage cache, and without it."""
+    per_trial = [row_stages(table["pipeline"], row_config(cfg, table, r, s), teacher_key)
+                 for r in table["rows"] for s in range(seeds)]
+    unique = {st for stages in per_trial for st in stages}
+    return {"trials": len(per_trial), "stage_runs": len(unique) + 1,       # + the teacher
+            "stage_runs_uncached": sum(len(s) + 1 for s in per_trial)}
+
+
+# ----------------------------------------------------------------------------- the trial
+
+def run_row(config: dict, ctx: dict) -> None:
+    """Tune trainable: one row with one seed, through the shared stage cache."""
+    import torch
+    from ray import tune
+
+    table, row, seed = ctx["table"], config["row"], int(config["seed"])
+    cfg = row_config(from_dict(ctx["cfg"], "<ablation>"), table, row, seed)
+    if cfg.ray.num_workers <= 1:                       # one worker: fit in this trial actor
+        cfg = with_overrides(cfg, {"ray.num_workers": 0})
+    torch.set_num_threads(max(1, int(ctx["cpus_per_trial"])))
+    p = Pipeline(f"{table['name']}-{row}", cfg, argparse.Namespace(**ctx["paths"]))
+    p.experiment_id = ctx["experiment_id"]
+    p.run_id = tracking.start_run(p.uri, p.experiment_id, f"{row}/seed{seed}",
+                                  parent_id=ctx["parent_run_id"],
+                                  tags={"kdray.row": row, "kdray.seed": str(seed),
+                                        "kdray.table": table["name"]})
+    tracking.log_params(p.uri, p.run_id, {k: str(v) for k, v in table["rows"][row]["set"].items()})
+    teacher = StageResult(**ctx["teacher"])
+    try:
+        if table["pipeline"] == "cdkd":
+            final = p.stage("cdkd", teacher=teacher)
+        else:
+            final = p.stage("student", label="stage1", teacher=teacher)
+            if cfg.tsd.stage2.mode != "none":
+                final = p.stage("gcn", label="stage2", teacher=teacher, student=final)
+    except BaseException:
+        tracking.end_run(p.uri, p.run_id, "FAILED")
+        raise
+    metrics = tracking.numeric(final.metrics)
+    tracking.log_metrics(p.uri, p.run_id, metrics)
+    tracking.end_run(p.uri, p.run_id)
+    stages = [[r.stage, r.key, r.reused] for r in p.results.values()]
+    tune.report({**{k: v for k, v in metrics.items() if k.startswith("val_")},
+                 "mlflow_run_id": p.run_id, "stages": json.dumps(stages)})
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def run_table(p: Pipeline, table: dict, seeds: int, teacher: StageResult):
+    """All rows x seeds as one Tune grid; the ResultGrid."""
+    import ray
+    from ray import tune
+
+    from kdray.orchestration.tune import max_concurrent, trial_resources
+    ray_train.ensure_ray()
+    resources, cpus, gpus = trial_resources(p.cfg, ray_train._use_gpu(p.cfg))
+    ctx = {"table": table, "cfg": to_dict(p.cfg), "teacher": dataclasses.asdict(teacher),
+           "experiment_id": p.experiment_id, "parent_run_id": p.run_id, "cpus_per_trial": cpus,
+           "paths": {"storage": str(p.storage), "out": str(p.out), "cache": str(p.cache)}}
+    trainable = tune.with_resources(tune.with_parameters(run_row, ctx=ctx), resources)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"row": tune.grid_search(list(table["rows"])),
+                     "seed": tune.grid_search(list(range(seeds)))},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent(ray.cluster_resources(), cpus, gpus),
+            reuse_actors=True),
+        run_config=tune.RunConfig(name=f"ablation-{table['name']}",
+                                  storage_path=str(p.out / "tune"), verbose=1))
+    return tuner.fit()
+
+
+def summarise(table: dict, results, metric: str) -> list[dict]:
+    """One record per row: the paper's numbers beside the measured mean +- std over seeds."""
+    by_row: dict[str, list] = {r: [] for r in table["rows"]}
+    for res in results:
+        if res.error is None:
+            by_row[res.config["row"]].append(res.metrics)
+    records = []
+    for row, spec in table["rows"].items():
+        runs = by_row[row]
+        values = [m[metric] for m in runs if isinstance(m.get(metric), (int, float))]
+        mean = sum(values) / len(values) if values else math.nan
+        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+               if len(values) > 1 else 0.0 if values else math.nan)
+        rec = {"row": row, "overrides": json.dumps(spec["set"]),
+               **{f"paper_{k}": float(v) for k, v in spec["paper"].items()},
+               "metric": metric, "mean": mean, "std": std, "seeds": len(values),
+               "values": values, "mlflow_run_ids": [m["mlflow_run_id"] for m in runs]}
+        records.append(rec)
+    return records
+
+
+def markdown(table: dict, records: list[dict], metric: str) -> str:
+    paper = list(next(iter(table["rows"].values()))["paper"])
+    head = ["row", "config"] + [f"paper {k}" for k in paper] + [f"measured {metric}",
+                                                                "seeds", "MLflow runs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        cells = [r["row"], ", ".join(f"{k}={v}" for k, v in json.loads(r["overrides"]).items())]
+        cells += [f"{r[f'paper_{k}']:g}" for k in paper]
+        cells += [f"{r['mean']:.2f} +- {r['std']:.2f}", str(r["seeds"]),
+                  " ".join(x[:8] for x in r["mlflow_run_ids"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(table: dict, records: list[dict], metric: str, path: Path) -> Path:
+    """Paper (left) and measured mean +- std (right) per row; separate axes, as the scales
+    differ (synthetic data and CPU budgets vs the papers' real data)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    key = table["metric"]
+    rows = [r["row"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(rows) + 2), 3.5))
+    axes[0].bar(rows, [r[f"paper_{key}"] for r in records], color="tab:gray")
+    axes[0].set(title=f"paper {key}", ylim=(min(r[f"paper_{key}"] for r in records) - 2, None))
+    axes[1].bar(rows, [r["mean"] for r in records], yerr=[r["std"] for r in records],
+                color="tab:blue", capsize=3)
+    axes[1].set(title=f"measured {metric} (mean +- std)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(table["name"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def table_metric(cfg: ExperimentConfig) -> str:
+    return primary_metric(cfg)
