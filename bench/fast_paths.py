@@ -12,6 +12,7 @@ SynthPose batches (the demo's data and augmentation) and compares the losses.
     python bench/fast_paths.py --compile                        # + torch.compile (slow to build)
     python bench/fast_paths.py --models hrnet_w18_small --no-speed --accuracy-steps 200 \
         --accuracy-variant bf16+cl
+    python bench/fast_paths.py --no-speed --fit-epochs 3      # the real teacher stage, val AP
 
 Prints Markdown tables, then one JSON line.
 """
@@ -114,6 +115,24 @@ def accuracy(backbone, cfg, variant: str, steps: int) -> dict:
     return out
 
 
+def accuracy_fit(cfg, precision: str, epochs: int, persons: int) -> dict:
+    """The real teacher stage (kdray.stages + kdray.train.fit, loss under autocast as in
+    training, warm-up, clipping, evaluation) with ``precision``: losses per epoch and val AP."""
+    import os
+    import tempfile
+
+    from kdray.config import with_overrides
+    from kdray.stages import run_stage
+    os.environ.setdefault("KDRAY_PROGRESS", "0")
+    c = with_overrides(cfg, {"teacher.train.precision": precision,
+                             "teacher.train.epochs": epochs, "teacher.train.eval_every": epochs,
+                             "data.max_train": persons})
+    res = run_stage("teacher", c, tempfile.mkdtemp(prefix=f"kdray-acc-{precision}-"))
+    return {"loss": [round(h["loss"], 4) for h in res.history],
+            "throughput": [round(h["throughput"], 1) for h in res.history],
+            "val_AP": res.metrics.get("val_AP")}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml")
@@ -127,6 +146,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--accuracy-steps", type=int, default=0, help="e.g. 200; 0 = skip")
     ap.add_argument("--accuracy-variant", default="fastest",
                     help="variant compared with fp32 (default: the fastest measured)")
+    ap.add_argument("--fit-epochs", type=int, default=0, help="also train the config's teacher "
+                    "stage fp32 vs bf16 with kdray's fit for this many epochs (val AP)")
+    ap.add_argument("--fit-persons", type=int, default=0, help="with --fit-epochs: persons/epoch")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,6 +188,15 @@ def main(argv=None) -> dict:
             print(f"\n{backbone}: {args.accuracy_steps} steps, L_KL first/last 20%: " + ", ".join(
                 f"{n} {a[n]['first']:.3f} -> {a[n]['last']:.3f}" for n in a if n != "last_ratio")
                 + f"; last ratio {a['last_ratio']:.3f}")
+    if args.fit_epochs:
+        fit = {p: accuracy_fit(cfg, p, args.fit_epochs, args.fit_persons)
+               for p in ("fp32", "bf16")}
+        result["teacher_fit"] = fit
+        print(f"\nteacher stage ({cfg.teacher.model.backbone}, channels_last, kdray fit, "
+              f"{args.fit_epochs} epochs)\n\n| precision | loss per epoch | img/s per epoch | "
+              f"val AP |\n|---|---|---|---|")
+        for p, r in fit.items():
+            print(f"| {p} | {r['loss']} | {r['throughput']} | {r['val_AP']} |")
     print(json.dumps(result))
     return result
 
