@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -137,6 +138,7 @@ def main(argv=None) -> dict:
                                                    for r in rows}}
     if not args.no_train:
         result["loader_vs_train"] = loader_vs_train(args, cfg, rows[1])
+    shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result))
     return result
 

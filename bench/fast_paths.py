@@ -119,6 +119,7 @@ def accuracy_fit(cfg, precision: str, epochs: int, persons: int) -> dict:
     """The real teacher stage (kdray.stages + kdray.train.fit, loss under autocast as in
     training, warm-up, clipping, evaluation) with ``precision``: losses per epoch and val AP."""
     import os
+    import shutil
     import tempfile
 
     from kdray.config import with_overrides
@@ -127,7 +128,9 @@ def accuracy_fit(cfg, precision: str, epochs: int, persons: int) -> dict:
     c = with_overrides(cfg, {"teacher.train.precision": precision,
                              "teacher.train.epochs": epochs, "teacher.train.eval_every": epochs,
                              "data.max_train": persons})
-    res = run_stage("teacher", c, tempfile.mkdtemp(prefix=f"kdray-acc-{precision}-"))
+    out = tempfile.mkdtemp(prefix=f"kdray-acc-{precision}-")
+    res = run_stage("teacher", c, out)
+    shutil.rmtree(out, ignore_errors=True)
     return {"loss": [round(h["loss"], 4) for h in res.history],
             "throughput": [round(h["throughput"], 1) for h in res.history],
             "val_AP": res.metrics.get("val_AP")}
