@@ -179,8 +179,9 @@ def build_shards(records: Sequence[PersonRecord], spec: KeypointSpec, data_cfg,
         jobs = [(str(tmp / f"shard-{i // ROWS_PER_FILE:05d}.parquet"),
                  list(records[i:i + ROWS_PER_FILE]), spec, data_cfg)
                 for i in range(0, len(records), ROWS_PER_FILE)]
-        if workers > 1 and len(jobs) > 1:
-            import multiprocessing as mp
+        import multiprocessing as mp
+        # spawned workers cost ~3 s to start (imports): worth it from a few files on
+        if workers > 1 and len(jobs) >= 4 and not mp.current_process().daemon:
             with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
                 files = pool.map(_write_file, jobs)
         else:
@@ -205,7 +206,7 @@ def train_dataset(records: Sequence[PersonRecord], spec: KeypointSpec, data_cfg,
     """The training dataset ``data.shards`` asks for: shard-backed or the JPEG path."""
     if not use_shards(data_cfg, len(records)):
         return PoseDataset(records, spec, data_cfg, train=True, low_res_size=low_res_size)
-    path = build_shards(records, spec, data_cfg, workers=workers)
+    path = build_shards(records, spec, data_cfg, workers=max(workers, data_cfg.num_workers))
     return ShardDataset(path, spec, data_cfg, train=True, low_res_size=low_res_size)
 
 
