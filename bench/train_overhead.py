@@ -16,7 +16,7 @@ Per side, from runs of ``--epochs`` and of 1 epoch:
 - a demo epoch (``data.synth.train`` persons) at those rates: plain / Ray time = the ratio the
   goal (>= 0.97) is about.
 
-    python bench/train_overhead.py                    # 256 persons, 1 and 3 epochs, ~1.5 min
+    python bench/train_overhead.py                    # 1024 persons, 1 and 3 epochs, ~2 min
     python bench/train_overhead.py --persons 1536 --repeats 3     # ~5 min, epochs of ~6 s
 
 Keep epochs longer than ~3 s: ``ray.train.report`` waits for Ray's controller to collect the
@@ -68,7 +68,8 @@ def run(side: str, cfg, work: Path, inputs: dict, tag: str) -> tuple[float, list
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--persons", type=int, default=256, help="training persons per epoch")
+    ap.add_argument("--persons", type=int, default=1024, help="training persons per epoch "
+                    "(keep epochs >= 3 s: see above)")
     ap.add_argument("--epochs", type=int, default=3, help="the longer run (>= 2)")
     ap.add_argument("--cpus", type=int, default=2, help="torch threads = Ray worker CPUs")
     ap.add_argument("--repeats", type=int, default=1)
