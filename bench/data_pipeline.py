@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hrnet_w32_step import images_per_second, make_step  # noqa: E402
 
-from kdray.config import DataConfig, ExperimentConfig, load_config  # noqa: E402
+from kdray.config import ExperimentConfig, load_config  # noqa: E402
 from kdray.data.coco import load_coco, read_image  # noqa: E402
 from kdray.data.dataset import PoseDataset, make_loader  # noqa: E402
 from kdray.data.shards import ShardDataset, build_shards  # noqa: E402

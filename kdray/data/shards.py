@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdray.data.coco import DataError, PersonRecord, fail, read_image
+from kdray.data.coco import PersonRecord, fail, read_image
 from kdray.data.dataset import PoseDataset
 from kdray.data.keypoints import KeypointSpec
 from kdray.data.transforms import box_to_center_scale, half_body
