@@ -110,6 +110,15 @@ def _close_trial_runs(p: Pipeline, results) -> dict[str, dict]:
         trials[tid] = {"run_id": run_id, "dir": tdir, "finished": finished,
                        "train_seconds": float(r.metrics.get("train_seconds", 0.0)),
                        "attempts": len(read_attempts(tdir))}
+    # A sweep killed mid-trial can leave a child run for a trial its last saved Tune state did
+    # not hold yet; the resumed sweep samples a replacement, so that run is closed as orphaned.
+    known = {t["run_id"] for t in trials.values()}
+    for run in client.search_runs([p.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{p.run_id}'"):
+        if "kdray.trial_id" in run.data.tags and run.info.run_id not in known:
+            tracking.set_tags(p.uri, run.info.run_id, {"kdray.orphaned": "true"})
+            if run.info.status == "RUNNING":
+                tracking.end_run(p.uri, run.info.run_id, "KILLED")
     return trials
 
 

@@ -191,8 +191,12 @@ def test_sweep_writes_best_config_summary_and_mlflow_runs(resumed):
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    trials = {r.data.tags["kdray.trial_id"] for r in children if "kdray.trial_id" in r.data.tags}
+    trials = {r.data.tags["kdray.trial_id"] for r in children if "kdray.trial_id" in r.data.tags
+              and "kdray.orphaned" not in r.data.tags}
     assert trials == set(summary["outputs"]["trial_attempts"])     # one child run per trial
+    for r in children:   # a trial killed before Tune saved it: closed, never left RUNNING
+        if "kdray.orphaned" in r.data.tags:
+            assert r.info.status != "RUNNING" and r.data.tags["kdray.trial_id"] not in trials
     name, version = summary["outputs"]["candidate"].removeprefix("models:/").split("/")
     assert str(client.get_model_version_by_alias(name, "candidate").version) == version
     with pytest.raises(Exception):
