@@ -85,6 +85,11 @@ def run_trial(config: dict, ctx: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     tdir = Path(ctx["out"]) / "trials" / trial_id
     tdir.mkdir(parents=True, exist_ok=True)
+    done = tdir / "result.json"
+    if done.exists():  # finished, but the sweep was killed before Tune saved that: no rerun
+        saved = json.loads(done.read_text())
+        tune.report({**tracking.numeric(saved["metrics"]), "train_seconds": saved["train_seconds"]})
+        return
     _append(tdir / "attempts.jsonl", {"time": time.time(), "pid": os.getpid()})
     run_id = _trial_run(ctx, tdir, trial_id, cfg, config)
     torch.set_num_threads(max(1, int(ctx["cpus_per_trial"])))
