@@ -6,7 +6,15 @@ minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +24,48 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 # 2 training steps per epoch; fp32 because bf16's first-batch kernel warm-up costs more than the
 # whole tiny epoch on CPU.
 FAST = ["data.max_train=32", "teacher.train.precision=fp32"]
+
+
+def load_script(path: Path, name: str):
+    """A pipeline script (pipelines/*.py) as a module, to call its ``main(argv)`` in-process."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kill_ray_under(ray_tmp: str) -> None:
+    """Stop what a killed driver's private Ray left behind: processes whose command line
+    names its own temp dir (ours alone), by pid."""
+    found = subprocess.run(["pgrep", "-f", "--", ray_tmp], capture_output=True, text=True)
+    for pid in map(int, found.stdout.split()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_then_kill(script: Path, argv: list[str], cwd: Path, log_path: Path, until,
+                  timeout_s: float, what: str, env: dict | None = None) -> None:
+    """Run ``script argv`` as its own process group with a private Ray temp dir, wait until
+    ``until()`` holds (failing with ``what`` after ``timeout_s``), then SIGKILL the group and
+    its Ray: a driver killed mid-run, as a user's Ctrl-\\ or a lost machine would."""
+    ray_tmp = tempfile.mkdtemp(prefix="kk-")  # short: Ray's socket paths have a length limit
+    full_env = {**os.environ, "KDRAY_PROGRESS": "0", "RAY_TMPDIR": ray_tmp, **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(script), *argv], env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        try:
+            deadline = time.time() + timeout_s
+            while not until():
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, what
+                time.sleep(0.3)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kill_ray_under(ray_tmp)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

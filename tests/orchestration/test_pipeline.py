@@ -11,16 +11,8 @@ One scenario, checked by several tests (a pipeline run is the expensive part):
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 
 import pytest
 
@@ -28,16 +20,13 @@ from kdray.config import load_config, with_overrides
 from kdray.orchestration import pipeline, ray_train
 from kdray.stages import stage_inputs
 
-from .conftest import FAST, REPO, SMOKE
+from .conftest import FAST, REPO, SMOKE, load_script, run_then_kill
 
 SCRIPT = REPO / "pipelines" / "two_stage.py"
 
 
 def _two_stage():
-    spec = importlib.util.spec_from_file_location("two_stage_pipeline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "two_stage_pipeline")
 
 
 def _run_in_process(argv: list[str]) -> tuple[dict, str, str]:
@@ -45,15 +34,6 @@ def _run_in_process(argv: list[str]) -> tuple[dict, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         summary = _two_stage().main(argv)
     return summary, out.getvalue(), err.getvalue()
-
-
-def _kill_ray_under(ray_tmp: str) -> None:
-    """Stop what the killed driver's private Ray left behind: processes whose command line
-    names its own temp dir (ours alone), by pid."""
-    found = subprocess.run(["pgrep", "-f", "--", ray_tmp], capture_output=True, text=True)
-    for pid in map(int, found.stdout.split()):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -68,27 +48,10 @@ def scenario(tmp_path_factory, smoke_data, ray_local):
 
     # 1. The driver, killed while its stage-1 worker waits at epoch 2.
     marker = storage / "hang.marker"
-    ray_tmp = tempfile.mkdtemp(prefix="kr-")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "KDRAY_PROGRESS": "0", "RAY_TMPDIR": ray_tmp,
-           "KDRAY_FAULT_AT_EPOCH": "2", "KDRAY_FAULT_STAGE": "student",
-           "KDRAY_FAULT_ACTION": "hang", "KDRAY_FAULT_MARKER": str(marker)}
-    env.pop("RAY_ADDRESS", None)
-    log = open(storage / "killed_driver.log", "w")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=storage, start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while not marker.exists():
-            assert proc.poll() is None, (storage / "killed_driver.log").read_text()[-3000:]
-            assert time.time() < deadline, "stage 1 never reached epoch 2"
-            time.sleep(0.5)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _kill_ray_under(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        log.close()
+    run_then_kill(SCRIPT, argv, storage, storage / "killed_driver.log", marker.exists, 400,
+                  "stage 1 never reached epoch 2",
+                  env={"KDRAY_FAULT_AT_EPOCH": "2", "KDRAY_FAULT_STAGE": "student",
+                       "KDRAY_FAULT_ACTION": "hang", "KDRAY_FAULT_MARKER": str(marker)})
     teacher_marker = cache / f"teacher-{teacher_key}" / "stage.json"
     killed = {"teacher_mtime": teacher_marker.stat().st_mtime_ns,
               "teacher_attempts": ray_train.read_attempts(teacher_marker.parent),

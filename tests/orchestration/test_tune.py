@@ -10,16 +10,8 @@ finished.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import optuna
@@ -29,7 +21,7 @@ import yaml
 from kdray.config import ConfigError, load_config
 from kdray.orchestration.search_space import define_by_run, load_space
 
-from .conftest import FAST, REPO, SMOKE
+from .conftest import FAST, REPO, SMOKE, load_script, run_then_kill
 
 SCRIPT = REPO / "pipelines" / "sweep.py"
 
@@ -109,17 +101,7 @@ def test_grid_values_are_tried_first(tmp_path):
 # ----------------------------------------------------------------------------- a real sweep
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("sweep_pipeline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _kill_ray_under(ray_tmp: str) -> None:
-    found = subprocess.run(["pgrep", "-f", "--", ray_tmp], capture_output=True, text=True)
-    for pid in map(int, found.stdout.split()):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    return load_script(SCRIPT, "sweep_pipeline")
 
 
 def _finished_in_state(tune_dir: Path) -> bool:
@@ -137,27 +119,10 @@ def resumed(tmp_path_factory, smoke_data, ray_local):
     argv = [str(REPO / "search_spaces" / "cdkd.yaml"), "--config", str(SMOKE), "--storage",
             str(storage), "--num-samples", "4", *FAST, f"data.root={smoke_data}"]
     out = storage / "runs" / "sweep"
-    ray_tmp = tempfile.mkdtemp(prefix="ks-")
-    env = {**os.environ, "KDRAY_PROGRESS": "0", "RAY_TMPDIR": ray_tmp,
-           "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(storage / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=storage, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not (list(out.glob("trials/*/result.json"))
-                   and _finished_in_state(out / "tune" / "sweep")):
-            assert proc.poll() is None, (storage / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline, "no trial finished"
-            time.sleep(0.3)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _kill_ray_under(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        log.close()
+    run_then_kill(SCRIPT, argv, storage, storage / "killed.log",
+                  lambda: bool(list(out.glob("trials/*/result.json"))
+                               and _finished_in_state(out / "tune" / "sweep")),
+                  300, "no trial finished", env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     before = {d.name for d in out.glob("trials/*") if (d / "result.json").exists()}
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.redirect_stderr(err):
