@@ -1,6 +1,7 @@
 """The ``kdray`` command (DESIGN.md section 1).
 
     kdray data synth --out data/synthpose --train 4000 --val 500 --seed 0 [--stats]
+                     [--max-persons 4 --crowd-p .4 --occluder-p .15 --side-p .25 --back-p .25]
     kdray data preview --root data/synthpose --out preview.png
     kdray eval --gt ANN.json --pred RESULTS.json --metric coco|crowdpose|pckh [--json]
     kdray train --config configs/demo_teacher.yaml --out DIR [--stage teacher] [a.b=c ...]
@@ -17,9 +18,11 @@ from pathlib import Path
 
 def _data(args) -> int:
     if args.data_cmd == "synth":
-        from kdray.data.synthpose import dataset_stats, generate
+        from kdray.data.synthpose import Difficulty, dataset_stats, generate
+        hard = Difficulty(args.max_persons, args.crowd_p, args.occluder_p, args.side_p,
+                          args.back_p)
         out = generate(args.out, train=args.train, val=args.val, seed=args.seed,
-                       workers=args.workers)
+                       workers=args.workers, hard=hard)
         print(json.dumps({k: str(v) for k, v in out.items()}))
         if args.stats:
             print(json.dumps(dataset_stats(args.out), indent=1))
@@ -132,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val", type=int, default=500, help="validation persons")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--max-persons", type=int, default=4, choices=(1, 2, 3, 4))
+    s.add_argument("--crowd-p", type=float, default=.4, help="chance a multi-person image is a crowd")
+    s.add_argument("--occluder-p", type=float, default=.15, help="chance an object hides a person")
+    s.add_argument("--side-p", type=float, default=.25, help="chance of a side view (any yaw)")
+    s.add_argument("--back-p", type=float, default=.25, help="chance of a person turned away")
     s.add_argument("--stats", action="store_true", help="print dataset statistics")
     st = d.add_parser("stats", help="statistics of a generated SynthPose folder")
     st.add_argument("--root", default="data/synthpose")

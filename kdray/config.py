@@ -32,10 +32,16 @@ def _f(default, *, lo=None, hi=None, choices=None, doc: str = ""):
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """SynthPose generation (kdray data synth): sizes of the embedded dataset."""
+    """SynthPose generation (kdray data synth): sizes and difficulty of the embedded dataset
+    (kdray.data.synthpose.Difficulty; these defaults are the full SynthPose)."""
     train: int = _f(4000, lo=1)
     val: int = _f(500, lo=1)
     seed: int = _f(0, lo=0)
+    max_persons: int = _f(4, lo=1, hi=4)
+    crowd_p: float = _f(0.4, lo=0.0, hi=1.0)
+    occluder_p: float = _f(0.15, lo=0.0, hi=1.0)
+    side_p: float = _f(0.25, lo=0.0, hi=1.0)
+    back_p: float = _f(0.25, lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,9 @@ def _build(cls, data: dict, prefix: str, source: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, key + ".", source)
             continue
+        choices = f.metadata.get("choices") or ()
+        if isinstance(value, bool) and "on" in choices:  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         value = _coerce(value, tp, f"{source}: {key}")
         _check_range(value, f.metadata, f"{source}: {key}")
         kwargs[name] = value
@@ -289,6 +298,10 @@ def _extra_checks(cfg: ExperimentConfig, source: str) -> None:
     lo, hi = cfg.data.scale_range
     if not 0 < lo <= hi:
         raise ConfigError(f"{source}: data.scale_range: expected 0 < lo <= hi, got {(lo, hi)}")
+    synth = cfg.data.synth
+    if synth.side_p + synth.back_p > 1:
+        raise ConfigError(f"{source}: data.synth.back_p: side_p + back_p must be <= 1, got "
+                          f"{synth.side_p} + {synth.back_p}")
     t_lo, t_hi = cfg.cdkd.tau_range
     if not 0 < t_lo <= cfg.cdkd.tau_init <= t_hi:
         raise ConfigError(f"{source}: cdkd.tau_init: expected within tau_range {(t_lo, t_hi)}, "

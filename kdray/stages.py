@@ -67,9 +67,15 @@ def ensure_data(cfg: ExperimentConfig) -> None:
     """SynthPose is generated on first use (deterministic by seed); real data must exist."""
     d = cfg.data
     root = Path(d.root)
-    if d.dataset == "synthpose" and not (root / d.train_ann).exists():
-        from kdray.data.synthpose import generate
-        generate(root, train=d.synth.train, val=d.synth.val, seed=d.synth.seed)
+    if d.dataset != "synthpose":
+        return
+    from kdray.data.synthpose import Difficulty, check_generated, generate
+    s = d.synth
+    hard = Difficulty(s.max_persons, s.crowd_p, s.occluder_p, s.side_p, s.back_p)
+    if (root / d.train_ann).exists():
+        check_generated(root, s.train, s.val, s.seed, hard)
+    else:
+        generate(root, train=s.train, val=s.val, seed=s.seed, hard=hard)
 
 
 def load_records(cfg: ExperimentConfig):

@@ -35,5 +35,6 @@ def tiny_cfg(synth_root):
     """Smoke settings on the tiny set: 64x64 crops, MobileNetV3 nets, 1-epoch stages."""
     from kdray.config import load_config
     return load_config(Path(__file__).parents[1] / "configs" / "smoke.yaml", [
-        f"data.root={synth_root}", "teacher.model.backbone=mobilenetv3_small_100",
+        f"data.root={synth_root}", "data.synth.train=64", "data.synth.val=24",
+        "teacher.model.backbone=mobilenetv3_small_100",
         "teacher.train.batch_size=16", "student.train.batch_size=16"])

@@ -28,6 +28,9 @@ def test_dotted_overrides_are_typed(tmp_path):
     assert cfg.data.input_size == (128, 96)
     assert cfg.cdkd.etht == ("tau", "alpha")
     assert cfg.tsd.stage1.feature is False
+    # YAML 1.1 reads on/off as booleans; an on|off|auto field takes them as its words
+    cfg = load_config(None, ["data.shards=on", "teacher.train.compile=off"])
+    assert (cfg.data.shards, cfg.teacher.train.compile) == ("on", "off")
 
 
 @pytest.mark.parametrize("text, key, expected", [
@@ -40,6 +43,7 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("cdkd:\n  sau_kernels: 1-1\n", "cdkd.sau_kernels", "four counts"),
     ("cdkd:\n  tau_init: 20.0\n", "cdkd.tau_init", "within tau_range"),
     ("data:\n  flip_prob: 1.5\n", "data.flip_prob", "<= 1.0"),
+    ("data:\n  synth: {side_p: .6, back_p: .6}\n", "data.synth.back_p", "side_p + back_p"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, text, key, expected):
     path = write(tmp_path, text)

@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 
 SH = 4                       # fixed-point bits for sub-pixel OpenCV drawing
+SIDE_P = .25                 # chance of a figure at any yaw (side views); SynthPose default
+BACK_P = .25                 # chance of a figure turned away from the camera
 PARTS = ("head", "torso", "neck", "l_uarm", "r_uarm", "l_farm", "r_farm", "l_hand", "r_hand",
          "l_thigh", "r_thigh", "l_shin", "r_shin", "l_foot", "r_foot")
 PART = {n: i for i, n in enumerate(PARTS)}
@@ -317,14 +319,16 @@ def sample_look(rng) -> Look:
                 stripes=int(rng.choice([0, 0, 0, 3, 4, 5])))
 
 
-def sample_figure(rng, cx: float, cy: float, height: float) -> Figure:
-    """A random person: yaw mostly toward or away from the camera (both sides equally)."""
+def sample_figure(rng, cx: float, cy: float, height: float, side_p: float = SIDE_P,
+                  back_p: float = BACK_P) -> Figure:
+    """A random person: any yaw with chance ``side_p``, turned away from the camera with chance
+    ``back_p``, else facing it; both sides equally."""
     arms, legs, pitch = ARCHETYPES[list(ARCHETYPES)[rng.integers(len(ARCHETYPES))]]
     if rng.random() < .5:
         arms, legs = arms[::-1], legs[::-1]
-    u = rng.random()
-    yaw = rng.normal(0, .6) if u < .5 else np.pi + rng.normal(0, .6) if u < .75 else \
-        rng.uniform(-np.pi, np.pi)
+    u, front = rng.random(), 1 - side_p - back_p
+    yaw = rng.normal(0, .6) if u < front else np.pi + rng.normal(0, .6) if u < 1 - side_p \
+        else rng.uniform(-np.pi, np.pi)
     roll = rng.normal(0, .1) if rng.random() < .9 else rng.normal(0, .4)
     spine = (float(np.clip(np.radians(pitch) + rng.normal(0, .12), -.25, 1.05)),
              float(rng.normal(0, .08)), float(np.clip(rng.normal(0, .2), -.5, .5)))

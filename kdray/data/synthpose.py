@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from kdray.data.keypoints import COCO
-from kdray.data.synth_figure import JOINT_PARTS, PART, draw, extent, keypoints, sample_figure
+from kdray.data.synth_figure import (BACK_P, JOINT_PARTS, PART, SIDE_P, draw, extent, keypoints,
+                                     sample_figure)
 
 SPLITS = {"train": 0, "val": 1}
 PERSONS_PER_IMAGE = (1, 2, 3, 4)
@@ -33,11 +34,29 @@ CROWD_P = .4                           # chance that a multi-person image is a c
 JPEG_QUALITY = 90
 
 
-def person_counts(total: int, seed: int, split: int) -> list[int]:
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the scenes are. The defaults are the full SynthPose; the CPU demo uses an
+    easier mix (configs/demo.yaml, README "Demo sizes")."""
+    max_persons: int = 4          # persons per image: PERSONS_P over 1..max_persons, renormalised
+    crowd_p: float = CROWD_P      # chance that a multi-person image is a crowd
+    occluder_p: float = OCCLUDER_P  # chance that an object hides part of a person
+    side_p: float = SIDE_P        # chance of any yaw (side views)
+    back_p: float = BACK_P        # chance of a person turned away (the rest face the camera)
+
+    def __post_init__(self):
+        if not 1 <= self.max_persons <= len(PERSONS_PER_IMAGE):
+            raise ValueError(f"max_persons must be 1..{len(PERSONS_PER_IMAGE)}")
+        if self.side_p + self.back_p > 1:
+            raise ValueError(f"side_p + back_p must be <= 1, got {self.side_p + self.back_p}")
+
+
+def person_counts(total: int, seed: int, split: int, max_persons: int = 4) -> list[int]:
     """Persons in each image of a split, summing exactly to ``total``."""
     rng, counts = np.random.default_rng([seed, split]), []
+    sizes, p = PERSONS_PER_IMAGE[:max_persons], np.array(PERSONS_P[:max_persons])
     while sum(counts) < total:
-        counts.append(min(int(rng.choice(PERSONS_PER_IMAGE, p=PERSONS_P)), total - sum(counts)))
+        counts.append(min(int(rng.choice(sizes, p=p / p.sum())), total - sum(counts)))
     return counts
 
 
@@ -76,7 +95,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def _layout(rng, n: int, H: int, W: int, crowd: bool, shrink: float = 1.0) -> list:
+def _layout(rng, n: int, H: int, W: int, crowd: bool, shrink: float = 1.0,
+            yaw: tuple[float, float] = (SIDE_P, BACK_P)) -> list:
     """Place n figures (fewer when no room is found): apart (box IoU <= .05) or, for crowds,
     each beside the previous one and overlapping it (.1 <= IoU <= .7). ``shrink`` < 1 (the
     fallback) makes them smaller and only keeps IoU <= .7. Boxes stay in the image except, for
@@ -89,7 +109,7 @@ def _layout(rng, n: int, H: int, W: int, crowd: bool, shrink: float = 1.0) -> li
         for t in range(60):
             h = max(55.0, (base * rng.uniform(.85, 1.15) if crowd else rng.uniform(60, hmax))
                     * .93 ** (t // 6))
-            f = sample_figure(rng, 0, 0, h)
+            f = sample_figure(rng, 0, 0, h, *yaw)
             e = extent(f)
             bw, bh = e[2] - e[0], e[3] - e[1]
             slack = .2 * np.array([bw, bh]) if rng.random() < .2 else np.zeros(2)
@@ -150,14 +170,15 @@ def _occluder(rng, img: np.ndarray, labels: np.ndarray, box: np.ndarray, kp: np.
     img[m], labels[m] = over[m], OCCLUDER
 
 
-def _render(rng, n: int, H: int, W: int):
+def _render(rng, n: int, H: int, W: int, hard: Difficulty = Difficulty()):
     """Draw one scene: returns the BGR image, the figures (far to near) and their (17, 3)
     keypoints with v. Layouts where someone has < 8 labelled or < 5 visible joints are redrawn
     (crowds 8 times, then small spread-out figures; the 10th try is kept whatever it is)."""
     bg = _background(rng, H, W)
     for attempt in range(10):
-        crowd = n > 1 and attempt < 8 and rng.random() < CROWD_P
-        figs = _layout(rng, n, H, W, crowd, 1.0 if attempt < 8 else .6)
+        crowd = n > 1 and attempt < 8 and rng.random() < hard.crowd_p
+        figs = _layout(rng, n, H, W, crowd, 1.0 if attempt < 8 else .6,
+                       (hard.side_p, hard.back_p))
         if len(figs) < n:
             continue
         figs.sort(key=lambda f: extent(f)[3] + rng.normal(0, .05 * f.height))
@@ -166,7 +187,7 @@ def _render(rng, n: int, H: int, W: int):
             draw(f, img, labels, 16 * p)
         kps = [keypoints(f) for f in figs]
         for p, f in enumerate(figs):
-            if rng.random() < OCCLUDER_P:
+            if rng.random() < hard.occluder_p:
                 _occluder(rng, img, labels, extent(f), kps[p][0])
         vis = [_visibility(labels, p, kp, front) for p, (kp, front) in enumerate(kps)]
         if attempt == 9 or all((v > 0).sum() >= 8 and (v == 2).sum() >= 5 for v in vis):
@@ -209,12 +230,12 @@ def _r(x, nd: int = 2) -> list:
 
 def _image_job(args: tuple) -> tuple[dict, list, list]:
     """Draw, write and annotate image ``index`` of ``split`` (runs in a worker process)."""
-    out, split, index, n, seed = args
+    out, split, index, n, seed, hard = args
     cv2.setNumThreads(1)
     rng = np.random.default_rng([seed, SPLITS[split], index])
     H = int(rng.integers(11, 17)) * 16                      # 176..256; wider for more people
     W = min(256, 160 + 32 * (n - 1) + int(rng.integers(0, 4)) * 16)
-    img, figs, kps = _render(rng, n, H, W)
+    img, figs, kps = _render(rng, n, H, W, hard)
     if rng.random() < .3:
         img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(.4, .8)))
     noise = rng.standard_normal(img.shape, np.float32) * np.float32(rng.uniform(0, 6))
@@ -277,8 +298,9 @@ def _dump(obj, path: Path) -> None:
 
 
 def generate(out_dir: str | Path, train: int = 4000, val: int = 500, seed: int = 0,
-             workers: int = 2, progress: bool = True) -> dict:
+             workers: int = 2, progress: bool = True, hard: Difficulty = Difficulty()) -> dict:
     """Write SynthPose (``train``/``val`` are PERSON counts) in COCO format under ``out_dir``.
+    Each file's ``info`` records the settings (:func:`check_generated` compares them).
 
     Returns the paths written ("train", "val", "val_dets", "images") and the counts
     ("train_images", "train_persons", "val_images", "val_persons"). train.json is written last,
@@ -287,8 +309,9 @@ def generate(out_dir: str | Path, train: int = 4000, val: int = 500, seed: int =
     from tqdm import tqdm
     out = Path(out_dir).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), split, i, n, seed) for split, total in (("train", train), ("val", val))
-            for i, n in enumerate(person_counts(total, seed, SPLITS[split]))]
+    jobs = [(str(out), split, i, n, seed, hard)
+            for split, total in (("train", train), ("val", val))
+            for i, n in enumerate(person_counts(total, seed, SPLITS[split], hard.max_persons))]
     bar = dict(total=len(jobs), disable=not progress, desc="SynthPose", unit="img")
     if workers > 1 and not mp.current_process().daemon:   # daemons may not have children
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -304,7 +327,8 @@ def generate(out_dir: str | Path, train: int = 4000, val: int = 500, seed: int =
         for old in (out / "images").glob(f"{split}_*.jpg"):   # leftovers of a larger run
             if int(old.stem.split("_")[1]) >= len(rs):
                 old.unlink(missing_ok=True)
-        coco = {"info": {"description": f"SynthPose {split}", "seed": seed},
+        coco = {"info": {"description": f"SynthPose {split}", "seed": seed,
+                         "persons": train if split == "train" else val, **asdict(hard)},
                 "images": [r[0] for r in rs], "annotations": [a for r in rs for a in r[1]],
                 "categories": [category]}
         if split == "val":
@@ -314,6 +338,25 @@ def generate(out_dir: str | Path, train: int = 4000, val: int = 500, seed: int =
         info[split] = str(out / f"{split}.json")
         info[f"{split}_images"], info[f"{split}_persons"] = len(rs), len(coco["annotations"])
     return info
+
+
+def check_generated(out_dir: str | Path, train: int, val: int, seed: int,
+                    hard: Difficulty = Difficulty()) -> None:
+    """Raise DataError (naming the file and the setting) when the SynthPose under ``out_dir``
+    was generated with other settings than asked: a config change must not train silently on
+    the old images. Files from before settings were recorded are checked on seed and counts."""
+    from kdray.data.coco import fail
+    want = {"seed": seed, **asdict(hard)}
+    for split, persons in (("train", train), ("val", val)):
+        path = Path(out_dir) / f"{split}.json"
+        data = json.loads(path.read_text())
+        info = data.get("info", {})
+        for key, value in {**want, "persons": persons}.items():
+            have = len(data["annotations"]) if key == "persons" else \
+                info.get(key, asdict(Difficulty()).get(key, value))  # unrecorded: the default
+            if have != value:
+                raise fail(path, "info", key, f"generated with {have!r}, the config asks for "
+                           f"{value!r} (data.synth); use another data.root or delete {out_dir}")
 
 
 def _spread(x) -> dict:

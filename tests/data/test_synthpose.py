@@ -12,8 +12,9 @@ from pycocotools.coco import COCO as CocoApi
 
 from kdray.data.keypoints import COCO
 from kdray.data.synth_figure import PART, Figure, draw, keypoints, sample_figure
-from kdray.data.synthpose import (OCCLUDER, _visibility, crowd_index, dataset_stats, generate,
-                                  person_counts)
+from kdray.data.coco import DataError
+from kdray.data.synthpose import (OCCLUDER, Difficulty, _visibility, check_generated,
+                                  crowd_index, dataset_stats, generate, person_counts)
 
 TRAIN, VAL = 40, 20
 
@@ -48,6 +49,47 @@ def test_person_counts_sum_exactly():
     for total in (1, 7, 40, 4000):
         counts = person_counts(total, 0, 0)
         assert sum(counts) == total and set(counts) <= {1, 2, 3, 4}
+
+
+def test_default_difficulty_is_recorded_and_checked(synth):
+    info = json.loads((synth / "train.json").read_text())["info"]
+    assert info == {"description": "SynthPose train", "seed": 0, "persons": TRAIN,
+                    "max_persons": 4, "crowd_p": .4, "occluder_p": .15, "side_p": .25,
+                    "back_p": .25}
+    check_generated(synth, TRAIN, VAL, 0)                       # same settings: no error
+    for args, field in (((TRAIN + 1, VAL, 0), "persons"), ((TRAIN, VAL, 1), "seed"),
+                        ((TRAIN, VAL, 0, Difficulty(occluder_p=0.0)), "occluder_p")):
+        with pytest.raises(DataError, match=rf"train.json: info: field '{field}'.*data.synth"):
+            check_generated(synth, *args)
+
+
+def test_easier_difficulty(synth, tmp_path):
+    """max_persons=1, no occluders, no side views: one person per image, and every hidden
+    joint is hidden by the person's own body (fewer than in the full set)."""
+    out = tmp_path / "easy"
+    generate(out, train=TRAIN, val=VAL, seed=0, workers=1, progress=False,
+             hard=Difficulty(max_persons=1, crowd_p=0.0, occluder_p=0.0, side_p=0.0))
+    d = json.loads((out / "train.json").read_text())
+    assert len(d["images"]) == len(d["annotations"]) == TRAIN
+    assert all(im["crowdIndex"] == 0.0 for im in d["images"])
+    hidden = [dataset_stats(root)["train"]["keypoints"]["occluded_of_labelled"]
+              for root in (out, synth)]
+    assert hidden[0] < hidden[1]
+
+
+def test_ensure_data_refuses_other_settings(tmp_path):
+    """A config whose data.synth differs from the folder's: a clear error, files untouched."""
+    from kdray.config import load_config
+    from kdray.stages import ensure_data
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.synth.train=12", "data.synth.val=6"])
+    ensure_data(cfg)                                            # generates
+    before = _files(tmp_path)
+    ensure_data(cfg)                                            # same settings: reused
+    bad = load_config(None, [f"data.root={tmp_path}", "data.synth.train=12",
+                             "data.synth.val=6", "data.synth.max_persons=2"])
+    with pytest.raises(DataError, match="max_persons.*generated with 4.*asks for 2"):
+        ensure_data(bad)
+    assert _files(tmp_path) == before
 
 
 def test_coco_validity(synth):
