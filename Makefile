@@ -25,4 +25,4 @@ test-all: setup
 	$(PYBIN) -m pytest -q
 
 clean:
-	rm -rf runs data/synthpose .pytest_cache
+	rm -rf runs data/synthpose data/synthpose-demo .pytest_cache
