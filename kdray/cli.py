@@ -19,10 +19,8 @@ from pathlib import Path
 def _data(args) -> int:
     if args.data_cmd == "synth":
         from kdray.data.synthpose import Difficulty, dataset_stats, generate
-        hard = Difficulty(args.max_persons, args.crowd_p, args.occluder_p, args.side_p,
-                          args.back_p)
         out = generate(args.out, train=args.train, val=args.val, seed=args.seed,
-                       workers=args.workers, hard=hard)
+                       workers=args.workers, hard=Difficulty.of(args))
         print(json.dumps({k: str(v) for k, v in out.items()}))
         if args.stats:
             print(json.dumps(dataset_stats(args.out), indent=1))
@@ -136,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--max-persons", type=int, default=4, choices=(1, 2, 3, 4))
-    s.add_argument("--crowd-p", type=float, default=.4, help="chance a multi-person image is a crowd")
+    s.add_argument("--crowd-p", type=float, default=.4,
+                   help="chance a multi-person image is a crowd")
     s.add_argument("--occluder-p", type=float, default=.15, help="chance an object hides a person")
     s.add_argument("--side-p", type=float, default=.25, help="chance of a side view (any yaw)")
     s.add_argument("--back-p", type=float, default=.25, help="chance of a person turned away")

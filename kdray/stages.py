@@ -70,8 +70,7 @@ def ensure_data(cfg: ExperimentConfig) -> None:
     if d.dataset != "synthpose":
         return
     from kdray.data.synthpose import Difficulty, check_generated, generate
-    s = d.synth
-    hard = Difficulty(s.max_persons, s.crowd_p, s.occluder_p, s.side_p, s.back_p)
+    s, hard = d.synth, Difficulty.of(d.synth)
     if (root / d.train_ann).exists():
         check_generated(root, s.train, s.val, s.seed, hard)
     else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import cv2
@@ -49,6 +49,11 @@ class Difficulty:
             raise ValueError(f"max_persons must be 1..{len(PERSONS_PER_IMAGE)}")
         if self.side_p + self.back_p > 1:
             raise ValueError(f"side_p + back_p must be <= 1, got {self.side_p + self.back_p}")
+
+    @classmethod
+    def of(cls, settings) -> "Difficulty":
+        """From any object carrying the same attribute names (data.synth, parsed CLI args)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 def person_counts(total: int, seed: int, split: int, max_persons: int = 4) -> list[int]:
@@ -96,7 +101,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _layout(rng, n: int, H: int, W: int, crowd: bool, shrink: float = 1.0,
-            yaw: tuple[float, float] = (SIDE_P, BACK_P)) -> list:
+            hard: Difficulty = Difficulty()) -> list:
     """Place n figures (fewer when no room is found): apart (box IoU <= .05) or, for crowds,
     each beside the previous one and overlapping it (.1 <= IoU <= .7). ``shrink`` < 1 (the
     fallback) makes them smaller and only keeps IoU <= .7. Boxes stay in the image except, for
@@ -109,7 +114,7 @@ def _layout(rng, n: int, H: int, W: int, crowd: bool, shrink: float = 1.0,
         for t in range(60):
             h = max(55.0, (base * rng.uniform(.85, 1.15) if crowd else rng.uniform(60, hmax))
                     * .93 ** (t // 6))
-            f = sample_figure(rng, 0, 0, h, *yaw)
+            f = sample_figure(rng, 0, 0, h, hard.side_p, hard.back_p)
             e = extent(f)
             bw, bh = e[2] - e[0], e[3] - e[1]
             slack = .2 * np.array([bw, bh]) if rng.random() < .2 else np.zeros(2)
@@ -177,8 +182,7 @@ def _render(rng, n: int, H: int, W: int, hard: Difficulty = Difficulty()):
     bg = _background(rng, H, W)
     for attempt in range(10):
         crowd = n > 1 and attempt < 8 and rng.random() < hard.crowd_p
-        figs = _layout(rng, n, H, W, crowd, 1.0 if attempt < 8 else .6,
-                       (hard.side_p, hard.back_p))
+        figs = _layout(rng, n, H, W, crowd, 1.0 if attempt < 8 else .6, hard)
         if len(figs) < n:
             continue
         figs.sort(key=lambda f: extent(f)[3] + rng.normal(0, .05 * f.height))
@@ -344,19 +348,18 @@ def check_generated(out_dir: str | Path, train: int, val: int, seed: int,
                     hard: Difficulty = Difficulty()) -> None:
     """Raise DataError (naming the file and the setting) when the SynthPose under ``out_dir``
     was generated with other settings than asked: a config change must not train silently on
-    the old images. Files from before settings were recorded are checked on seed and counts."""
+    the old images. Files from before settings were recorded count as the defaults."""
     from kdray.data.coco import fail
-    want = {"seed": seed, **asdict(hard)}
     for split, persons in (("train", train), ("val", val)):
         path = Path(out_dir) / f"{split}.json"
         data = json.loads(path.read_text())
-        info = data.get("info", {})
-        for key, value in {**want, "persons": persons}.items():
-            have = len(data["annotations"]) if key == "persons" else \
-                info.get(key, asdict(Difficulty()).get(key, value))  # unrecorded: the default
-            if have != value:
-                raise fail(path, "info", key, f"generated with {have!r}, the config asks for "
-                           f"{value!r} (data.synth); use another data.root or delete {out_dir}")
+        info = {**asdict(Difficulty()), **data.get("info", {}),   # unrecorded: the defaults
+                "persons": len(data["annotations"])}
+        for key, value in {"seed": seed, "persons": persons, **asdict(hard)}.items():
+            if info.get(key) != value:
+                raise fail(path, "info", key, f"generated with {info.get(key)!r}, the config "
+                           f"asks for {value!r} (data.synth); use another data.root or delete "
+                           f"{out_dir}")
 
 
 def _spread(x) -> dict:
