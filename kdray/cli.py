@@ -1,4 +1,4 @@
-"""The ``kdray`` command (DESIGN.md section 1).
+"""The ``kdray`` command (docs/architecture.md, "Command-line contract").
 
     kdray data synth --out data/synthpose --train 4000 --val 500 --seed 0 [--stats]
                      [--max-persons 4 --crowd-p .4 --occluder-p .15 --side-p .25 --back-p .25]
@@ -63,9 +63,16 @@ def _train(args) -> int:
         print(json.dumps({"stage": args.stage, "backbone": scfg.model.backbone,
                           "input_size": list(size), **complexity(model, size)}))
         return 0
+    from kdray.progress import ConsoleProgress
+    from kdray.stages import claim_out_dir
     inputs = {k: v for k, v in (("teacher", args.teacher), ("student", args.student)) if v}
     out = Path(args.out).resolve()
-    result = run_stage(args.stage, cfg, out, inputs)
+    claim_out_dir(args.stage, cfg, out, inputs, overwrite=args.overwrite)  # resume or refuse
+    progress = ConsoleProgress(args.stage)
+    try:
+        result = run_stage(args.stage, cfg, out, inputs, progress=progress)
+    finally:
+        progress.clear()
     print(json.dumps({"stage": args.stage, "out": str(out), "metrics": result.metrics}))
     return 0
 
@@ -128,58 +135,93 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="the embedded SynthPose dataset").add_subparsers(
         dest="data_cmd", required=True)
     s = d.add_parser("synth", help="generate SynthPose (COCO format)")
-    s.add_argument("--out", default="data/synthpose")
-    s.add_argument("--train", type=int, default=4000, help="training persons")
-    s.add_argument("--val", type=int, default=500, help="validation persons")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--max-persons", type=int, default=4, choices=(1, 2, 3, 4))
+    s.add_argument("--out", default="data/synthpose",
+                   help="output folder for train.json, val.json and images/ (default: %(default)s)")
+    s.add_argument("--train", type=int, default=4000,
+                   help="training persons (default: %(default)s)")
+    s.add_argument("--val", type=int, default=500, help="validation persons (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="generator seed; same seed, same data (default: %(default)s)")
+    s.add_argument("--workers", type=int, default=2,
+                   help="worker processes drawing images (default: %(default)s)")
+    s.add_argument("--max-persons", type=int, default=4, choices=(1, 2, 3, 4),
+                   help="most persons per image (default: %(default)s)")
     s.add_argument("--crowd-p", type=float, default=.4,
-                   help="chance a multi-person image is a crowd")
-    s.add_argument("--occluder-p", type=float, default=.15, help="chance an object hides a person")
-    s.add_argument("--side-p", type=float, default=.25, help="chance of a side view (any yaw)")
-    s.add_argument("--back-p", type=float, default=.25, help="chance of a person turned away")
+                   help="chance a multi-person image is a crowd (default: %(default)s)")
+    s.add_argument("--occluder-p", type=float, default=.15,
+                   help="chance an object hides a person (default: %(default)s)")
+    s.add_argument("--side-p", type=float, default=.25,
+                   help="chance of a side view, any yaw (default: %(default)s)")
+    s.add_argument("--back-p", type=float, default=.25,
+                   help="chance of a person turned away (default: %(default)s)")
     s.add_argument("--stats", action="store_true", help="print dataset statistics")
     st = d.add_parser("stats", help="statistics of a generated SynthPose folder")
-    st.add_argument("--root", default="data/synthpose")
+    st.add_argument("--root", default="data/synthpose",
+                    help="the generated folder (default: %(default)s)")
     pv = d.add_parser("preview", help="PNG sheet of annotated person crops")
-    pv.add_argument("--root", default="data/synthpose")
-    pv.add_argument("--ann", default="train.json")
-    pv.add_argument("--out", default="runs/preview.png")
-    pv.add_argument("-n", type=int, default=24)
+    pv.add_argument("--root", default="data/synthpose",
+                    help="dataset folder (default: %(default)s)")
+    pv.add_argument("--ann", default="train.json",
+                    help="annotation file, relative to --root (default: %(default)s)")
+    pv.add_argument("--out", default="runs/preview.png",
+                    help="PNG file to write (default: %(default)s)")
+    pv.add_argument("-n", type=int, default=24, help="number of crops (default: %(default)s)")
 
     e = sub.add_parser("eval", help="score a results file with the reference evaluator")
-    e.add_argument("--gt", required=True)
-    e.add_argument("--pred", required=True)
-    e.add_argument("--metric", choices=("coco", "crowdpose", "pckh"), default="coco")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--gt", required=True,
+                   help="ground truth: COCO/CrowdPose keypoint JSON or MPII JSON list")
+    e.add_argument("--pred", required=True,
+                   help="predictions: COCO keypoint results JSON, or an MPII joints list")
+    e.add_argument("--metric", choices=("coco", "crowdpose", "pckh"), default="coco",
+                   help="OKS AP (COCO), CrowdPose AP with AP^E/M/H, or MPII PCKh@0.5 "
+                        "(default: %(default)s)")
+    e.add_argument("--json", action="store_true",
+                   help="print the metrics as one JSON object (percent)")
 
     t = sub.add_parser("train", help="train and evaluate one stage")
-    t.add_argument("--config", default=None)
-    t.add_argument("--out", default="runs/train")
-    t.add_argument("--stage", choices=("teacher", "student", "gcn", "cdkd"), default="teacher")
+    t.add_argument("--config", default=None,
+                   help="YAML config (default: the built-in defaults, docs/config.md)")
+    t.add_argument("--out", default="runs/train",
+                   help="output dir: checkpoints, metrics.json, config.yaml (default: %(default)s)")
+    t.add_argument("--stage", choices=("teacher", "student", "gcn", "cdkd"), default="teacher",
+                   help="teacher, TSD stage 1 (student), TSD stage 2 (gcn) or cdkd "
+                        "(default: %(default)s)")
     t.add_argument("--teacher", help="teacher checkpoint (student/gcn/cdkd stages)")
     t.add_argument("--student", help="stage-1 student checkpoint (gcn stage)")
     t.add_argument("--dry-run", action="store_true", help="print params and GFLOPs, no training")
-    t.add_argument("overrides", nargs="*", help="dotted.key=value")
+    t.add_argument("--overwrite", action="store_true",
+                   help="discard the run already in --out and start afresh (without it, a run "
+                        "in --out is resumed only if its config and inputs are the same)")
+    t.add_argument("overrides", nargs="*",
+                   help="dotted.key=value config overrides, e.g. teacher.train.epochs=5")
 
     pr = sub.add_parser("predict", help="draw predicted skeletons on an image")
     pr.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS")
-    pr.add_argument("image")
-    pr.add_argument("--boxes", help="detector results JSON (COCO format)")
-    pr.add_argument("--score-thr", type=float, default=0.5)
-    pr.add_argument("--out", default="pose.png")
+    pr.add_argument("image", help="the image file")
+    pr.add_argument("--boxes", help="detector results JSON (COCO format); default: the whole "
+                                    "image is one person box")
+    pr.add_argument("--score-thr", type=float, default=0.5,
+                    help="skip --boxes entries scoring below this (default: %(default)s)")
+    pr.add_argument("--out", default="pose.png",
+                    help="image with the drawn skeletons (default: %(default)s)")
 
     r = sub.add_parser("registry", help="MLflow model registry").add_subparsers(
         dest="reg_cmd", required=True)
-    r.add_parser("list")
-    sh = r.add_parser("show")
+    r.add_parser("list", help="registered kdray models with their aliases")
+    sh = r.add_parser("show", help="one model version: tags, run, metrics, aliases")
     sh.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`kdray train --out D a.b=c`): argparse stops the
+    # positional list at the first option, and its intermixed mode does not take subcommands.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     handler = {"data": _data, "eval": _eval, "train": _train, "predict": _predict,
                "registry": _registry}[args.cmd]
     from kdray.config import ConfigError

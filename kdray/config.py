@@ -1,8 +1,10 @@
-"""Typed, frozen experiment configuration (DESIGN.md section 4).
+"""Typed, frozen experiment configuration (docs/architecture.md, "Configuration").
 
 YAML only fills these dataclasses. Every value is checked before any compute: an unknown key, a
 wrong type or an out-of-range value raises :class:`ConfigError` naming the file, the dotted key and
-what was expected. Ranges and choices live next to the field (``_f(default, lo=, hi=, choices=)``).
+what was expected. Ranges, choices and the field's description live next to it
+(``_f(default, lo=, hi=, choices=, doc=)``); docs/config.md is generated from them
+(``python -m kdray.config_reference``).
 """
 from __future__ import annotations
 
@@ -34,157 +36,244 @@ def _f(default, *, lo=None, hi=None, choices=None, doc: str = ""):
 class SynthConfig:
     """SynthPose generation (kdray data synth): sizes and difficulty of the embedded dataset
     (kdray.data.synthpose.Difficulty; these defaults are the full SynthPose)."""
-    train: int = _f(4000, lo=1)
-    val: int = _f(500, lo=1)
-    seed: int = _f(0, lo=0)
-    max_persons: int = _f(4, lo=1, hi=4)
-    crowd_p: float = _f(0.4, lo=0.0, hi=1.0)
-    occluder_p: float = _f(0.15, lo=0.0, hi=1.0)
-    side_p: float = _f(0.25, lo=0.0, hi=1.0)
-    back_p: float = _f(0.25, lo=0.0, hi=1.0)
+    train: int = _f(4000, lo=1, doc="training persons to generate")
+    val: int = _f(500, lo=1, doc="validation persons to generate")
+    seed: int = _f(0, lo=0, doc="generator seed: the same seed and settings give the same data")
+    max_persons: int = _f(4, lo=1, hi=4, doc="most persons drawn in one image")
+    crowd_p: float = _f(0.4, lo=0.0, hi=1.0,
+                        doc="chance that a multi-person image is an overlapping crowd")
+    occluder_p: float = _f(0.15, lo=0.0, hi=1.0,
+                           doc="chance that an object hides part of a person")
+    side_p: float = _f(0.25, lo=0.0, hi=1.0, doc="chance of a side view (any yaw)")
+    back_p: float = _f(0.25, lo=0.0, hi=1.0,
+                       doc="chance of a person turned away; side_p + back_p must be <= 1")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data lives and how person crops are made (METHODS.md section 0)."""
-    dataset: str = _f("synthpose", choices=("synthpose", "coco", "crowdpose", "mpii"))
-    root: str = "data/synthpose"          # folder holding the annotation files and images
-    train_ann: str = "train.json"         # relative to root
-    val_ann: str = "val.json"
-    image_dir: str = "images"             # relative to root
-    val_boxes: str = ""                   # detector results file (COCO results format); "" = GT boxes
-    det_score_thr: float = _f(0.0, lo=0.0, hi=1.0)
-    input_size: tuple[int, int] = (96, 64)  # (H, W) of the crop the model sees
-    split_ratio: float = _f(2.0, lo=1.0, hi=4.0)  # SimCC bins per pixel, k
-    sigma: float = _f(3.0, lo=0.1, hi=50.0)       # label-smoothing Gaussian std, in bins
-    padding: float = _f(1.25, lo=1.0, hi=2.0)
-    flip_prob: float = _f(0.5, lo=0.0, hi=1.0)
-    scale_range: tuple[float, float] = (0.75, 1.25)
-    rotation: float = _f(40.0, lo=0.0, hi=180.0)
-    rotation_prob: float = _f(0.6, lo=0.0, hi=1.0)
-    half_body_prob: float = _f(0.3, lo=0.0, hi=1.0)
-    num_workers: int = _f(2, lo=0, hi=64)
-    # Training crops from pre-warped Parquet shards (kdray/data/shards.py): built once per
-    # dataset + crop-config hash. auto = on for >= 1000 training persons (bench/RESULTS.md).
-    shards: str = _f("off", choices=("auto", "on", "off"))
-    shard_codec: str = _f("raw", choices=("raw", "jpeg"))  # raw: no decode; jpeg: ~10x smaller
-    max_train: int = _f(0, lo=0)          # 0 = every training person; else the first N (smoke runs)
-    synth: SynthConfig = _f(SynthConfig())
+    """Where the data lives and how person crops are made (docs/methods.md section 1, SimCC
+    base)."""
+    dataset: str = _f("synthpose", choices=("synthpose", "coco", "crowdpose", "mpii"),
+                      doc="keypoint layout, reader and metric: synthpose/coco (COCO-17, OKS AP), "
+                          "crowdpose (CrowdPose-14, AP^E/M/H), mpii (MPII-16, PCKh@0.5)")
+    root: str = _f("data/synthpose",
+                   doc="folder holding the annotation files and images; a relative path is "
+                       "resolved against the pipeline's --storage; SynthPose is generated here "
+                       "on first use")
+    train_ann: str = _f("train.json", doc="training annotation file, relative to root")
+    val_ann: str = _f("val.json", doc="validation annotation file, relative to root")
+    image_dir: str = _f("images", doc="image folder, relative to root")
+    val_boxes: str = _f("", doc="detector results file (COCO results format, relative to root) "
+                                "for the val persons; empty = ground-truth boxes")
+    det_score_thr: float = _f(0.0, lo=0.0, hi=1.0,
+                              doc="detector boxes scoring below this are dropped (val_boxes only)")
+    input_size: tuple[int, int] = _f((96, 64), doc="(H, W) of the crop the model sees; HRNet "
+                                                   "needs both divisible by 32")
+    split_ratio: float = _f(2.0, lo=1.0, hi=4.0,
+                            doc="SimCC bins per pixel k: W*k x-bins and H*k y-bins")
+    sigma: float = _f(3.0, lo=0.1, hi=50.0,
+                      doc="std of the label-smoothing Gaussian, in bins at input_size; scaled "
+                          "per axis for other sizes (the CDKD low-res view)")
+    padding: float = _f(1.25, lo=1.0, hi=2.0,
+                        doc="box enlargement after fixing the box to the input aspect ratio")
+    flip_prob: float = _f(0.5, lo=0.0, hi=1.0,
+                          doc="training: chance of a horizontal flip (joints swap by flip pairs)")
+    scale_range: tuple[float, float] = _f((0.75, 1.25),
+                                          doc="training: box scale multiplied by U(lo, hi); "
+                                              "0 < lo <= hi")
+    rotation: float = _f(40.0, lo=0.0, hi=180.0,
+                         doc="training: rotation drawn from U(-rotation, rotation) degrees")
+    rotation_prob: float = _f(0.6, lo=0.0, hi=1.0,
+                              doc="training: chance that a crop is rotated at all")
+    half_body_prob: float = _f(0.3, lo=0.0, hi=1.0,
+                               doc="training: chance of cropping the upper or lower body only")
+    num_workers: int = _f(2, lo=0, hi=64, doc="DataLoader worker processes (0 = in the "
+                                              "training process); not part of any stage key")
+    # Built once per dataset + crop-config hash; auto's threshold is measured (bench/RESULTS.md).
+    shards: str = _f("off", choices=("auto", "on", "off"),
+                     doc="train from pre-warped Parquet crop shards (kdray/data/shards.py) "
+                         "instead of decoding JPEGs every epoch; auto = on for >= 1000 "
+                         "training persons")
+    shard_codec: str = _f("raw", choices=("raw", "jpeg"),
+                          doc="how shards store crops: raw (no decode) or jpeg (~10x smaller)")
+    max_train: int = _f(0, lo=0, doc="use only the first N training persons (smoke runs); "
+                                     "0 = all")
+    synth: SynthConfig = _f(SynthConfig(), doc="SynthPose generation settings (dataset "
+                                               "synthpose only)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """A SimCC pose model: timm backbone name (kdray.nn.backbones.BACKBONES) + head."""
-    backbone: str = "hrnet_w18_small"
-    head_init_scale: float = _f(0.1, lo=0.0, hi=10.0)  # DEMO-FACTS: small last Linear avoids a plateau
-    weights: str = ""                      # optional local backbone weights file (nothing downloads)
+    backbone: str = _f("hrnet_w18_small",
+                       doc="timm backbone, a key of kdray.nn.backbones.BACKBONES (HRNet-W18-small"
+                           "/W32/W48, ResNet-18/50, MobileNetV3-small/large), e.g. hrnet_w32")
+    # Why small: PyTorch's default init makes softmax(10 * logits) start peaked on random bins
+    # and training plateaus for minutes (docs/operations.md, "CPU demo facts").
+    head_init_scale: float = _f(0.1, lo=0.0, hi=10.0,
+                                doc="factor on the initial weights of the SimCC head's two "
+                                    "Linear classifiers (biases start at 0); 1.0 = PyTorch's "
+                                    "default init")
+    weights: str = _f("", doc="optional local backbone weights file (.safetensors or a "
+                              "torch.save state dict, read with weights_only=True); nothing "
+                              "downloads; empty = random init")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The plain fit loop (kdray.train.fit)."""
-    epochs: int = _f(10, lo=1)
-    batch_size: int = _f(32, lo=1)
-    lr: float = _f(2e-3, lo=0.0, hi=1.0)
-    weight_decay: float = _f(0.0, lo=0.0)
-    scheduler: str = _f("cosine", choices=("cosine", "multistep"))
-    milestones: tuple[int, ...] = ()      # epochs where multistep multiplies lr by lr_gamma
-    lr_gamma: float = _f(0.1, lo=0.0, hi=1.0)
-    warmup_iters: int = _f(0, lo=0)
-    grad_clip: float = _f(0.0, lo=0.0)    # max grad norm; 0 = off
-    precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
-    channels_last: str = _f("auto", choices=("auto", "on", "off"))
-    # torch.compile of the pose networks (in place: checkpoints keep their keys); auto = on
-    # CUDA only (on CPU the build takes minutes for a few-% gain: bench/RESULTS.md)
-    compile: str = _f("auto", choices=("auto", "on", "off"))
-    eval_every: int = _f(1, lo=1)
-    flip_test: bool = True
-    seed: int = _f(0, lo=0)
-    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
-    log_every: int = _f(20, lo=1)
+    epochs: int = _f(10, lo=1, doc="training epochs T (also TSD's gamma(t) and ETHT's xi(t) "
+                                   "horizon)")
+    batch_size: int = _f(32, lo=1, doc="global batch size, split over the Ray Train workers")
+    lr: float = _f(2e-3, lo=0.0, hi=1.0, doc="Adam learning rate")
+    weight_decay: float = _f(0.0, lo=0.0, doc="Adam weight decay (L2)")
+    scheduler: str = _f("cosine", choices=("cosine", "multistep"),
+                        doc="per-step lr schedule: cosine to 0 over the run, or multistep "
+                            "(x lr_gamma at each milestone epoch)")
+    milestones: tuple[int, ...] = _f((), doc="epochs where multistep multiplies lr by lr_gamma")
+    lr_gamma: float = _f(0.1, lo=0.0, hi=1.0, doc="multistep decay factor")
+    warmup_iters: int = _f(0, lo=0, doc="linear lr warm-up over this many optimizer steps; "
+                                        "0 = none")
+    grad_clip: float = _f(0.0, lo=0.0, doc="max gradient norm; 0 = no clipping")
+    precision: str = _f("auto", choices=("auto", "fp32", "bf16"),
+                        doc="bf16 autocast or fp32; auto = bf16 on CUDA, fp32 on CPU (the "
+                            "SimCC head always runs in fp32)")
+    channels_last: str = _f("auto", choices=("auto", "on", "off"),
+                            doc="channels_last memory format for the networks; auto = on")
+    # On CPU the build takes minutes for a few-% gain (bench/RESULTS.md), hence auto = CUDA only.
+    compile: str = _f("auto", choices=("auto", "on", "off"),
+                      doc="torch.compile the pose networks in place (checkpoints keep their "
+                          "keys); auto = on CUDA only")
+    eval_every: int = _f(1, lo=1, doc="evaluate on the val set every N epochs (and always "
+                                      "after the last)")
+    flip_test: bool = _f(True, doc="evaluate with flip test (average with the mirrored crop's "
+                                   "logits)")
+    seed: int = _f(0, lo=0, doc="seed of the initial weights, the shuffling and the "
+                                "augmentation")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"),
+                     doc="device of the plain loop; auto = cuda when available (Ray Train "
+                         "workers use the device Ray assigns)")
 
 
 @dataclass(frozen=True)
 class StageConfig:
     """One model and how it is trained."""
-    model: ModelConfig = _f(ModelConfig())
-    train: TrainConfig = _f(TrainConfig())
+    model: ModelConfig = _f(ModelConfig(), doc="the SimCC pose network")
+    train: TrainConfig = _f(TrainConfig(), doc="how it is trained")
 
 
 @dataclass(frozen=True)
 class TSDStage1Config:
-    """TSD stage 1 losses, Eqs. (1)-(5). Table IV rows switch terms off."""
-    feature: bool = True                  # L_fea, Eq. (1)
-    pose: bool = True                     # L1 pose part of L_pos, Eq. (2)
-    structure: bool = True                # L_cst, Eq. (3)
-    alpha: float = _f(5e-5, lo=0.0)
-    beta: float = _f(0.1, lo=0.0)
-    edge_weights: str = _f("uniform", choices=("uniform", "inverse_length"))
-    gamma_decay: bool = True              # gamma(t), Eq. (4); False keeps gamma = 1
+    """TSD stage 1 losses, Eqs. (1)-(5) (docs/methods.md section 2.1). Table IV rows switch
+    terms off; with all three off the student is the undistilled baseline (no teacher)."""
+    feature: bool = _f(True, doc="L_fea, TSD Eq. (1): MSE between the teacher's last feature and "
+                                 "a 1x1 conv of the student's")
+    pose: bool = _f(True, doc="the L1 pose term of L_pos, TSD Eq. (2), on soft-argmax joint "
+                              "coordinates")
+    structure: bool = _f(True, doc="L_cst, TSD Eq. (3): skeleton edge-length differences (part "
+                                   "of L_pos)")
+    alpha: float = _f(5e-5, lo=0.0, doc="weight alpha of L_fea in TSD Eq. (5)")
+    beta: float = _f(0.1, lo=0.0, doc="weight beta of L_pos (L1 pose + L_cst) in TSD Eq. (5)")
+    edge_weights: str = _f("uniform", choices=("uniform", "inverse_length"),
+                           doc="w_ij of TSD Eq. (3): uniform 1/|E|, or proportional to 1 / mean "
+                               "GT edge length over the training set (sum 1)")
+    gamma_decay: bool = _f(True, doc="scale the KD terms by gamma(t) = 1 - (t-1)/T, TSD Eq. (4); "
+                                     "false keeps gamma = 1")
 
 
 @dataclass(frozen=True)
 class TSDStage2Config:
-    """TSD stage 2: IGP-GCN on the frozen student, Eqs. (6)-(7)."""
-    mode: str = _f("teacher", choices=("none", "gt", "teacher"))  # supervision of the GCN
-    hidden: int = _f(128, lo=4)
-    delta: float = _f(0.3, lo=0.0)
-    lam: float = _f(0.5, lo=0.0)          # the paper's lambda
-    xi: float = _f(1.0, lo=0.0)
-    train: TrainConfig = _f(TrainConfig(epochs=30, lr=1e-3))
+    """TSD stage 2: IGP-GCN on the frozen student, Eqs. (6)-(7) (docs/methods.md section 2.2)."""
+    mode: str = _f("teacher", choices=("none", "gt", "teacher"),
+                   doc="supervision of the IGP-GCN: the teacher's pose (Table IV s5/s6), the "
+                       "ground truth (row s1), or none (no stage 2; the ablation rows skip it)")
+    hidden: int = _f(128, lo=4, doc="node feature size of the IGP-GCN (OPEC-Net: 128)")
+    delta: float = _f(0.3, lo=0.0, doc="weight delta of block 1's loss in TSD Eq. (7)")
+    lam: float = _f(0.5, lo=0.0, doc="weight lambda of block 2's loss in TSD Eq. (7)")
+    xi: float = _f(1.0, lo=0.0, doc="weight xi of block 3's loss in TSD Eq. (7)")
+    train: TrainConfig = _f(TrainConfig(epochs=30, lr=1e-3),
+                            doc="training of the IGP-GCN (the student stays frozen)")
 
 
 @dataclass(frozen=True)
 class TSDConfig:
-    stage1: TSDStage1Config = _f(TSDStage1Config())
-    stage2: TSDStage2Config = _f(TSDStage2Config())
+    """TSD, two-stage distillation (docs/methods.md section 2)."""
+    stage1: TSDStage1Config = _f(TSDStage1Config(),
+                                 doc="stage 1 losses (the student section says what is trained)")
+    stage2: TSDStage2Config = _f(TSDStage2Config(), doc="stage 2: the IGP-GCN refinement")
 
 
 @dataclass(frozen=True)
 class CDKDConfig:
-    """CDKD (cross-resolution KD): SAPE, CCA, ETHT. METHODS.md section 2."""
-    student: StageConfig = _f(StageConfig())
-    low_res_size: tuple[int, int] = (32, 32)  # (H, W) of the student's input
-    projectors: int = _f(3, lo=1, hi=8)   # N, Table VI
-    sau: bool = True                      # scale-adaptive unit; False = plain mean of projectors
-    sau_kernels: str = "1-1-2-0"          # counts of 3x3, 5x5, 7x7, 9x9 branches, Table VII
-    feature_loss: bool = True             # L_fea, Eq. (5)
-    logit_loss: bool = True               # CCA + tau^2 KL, Eqs. (6)-(7)
-    alpha: float = _f(1.0, lo=0.0)
-    beta: float = _f(1.0, lo=0.0)
-    tau_init: float = _f(4.0, lo=0.01)
-    tau_range: tuple[float, float] = (1.0, 10.0)
-    etht: tuple[str, ...] = ("tau",)      # learnt by gradient reversal; () = NECM (fixed tau)
-    xi_max: float = _f(1.0, lo=0.0)
-    xi_schedule: str = _f("cosine", choices=("cosine", "ctkd"))
+    """CDKD (cross-resolution KD): SAPE, CCA, ETHT (docs/methods.md section 3)."""
+    student: StageConfig = _f(StageConfig(), doc="the low-resolution student and its training")
+    low_res_size: tuple[int, int] = _f((32, 32), doc="(H, W) of the student's input: the same "
+                                                     "crop as the teacher's, warped to this size")
+    projectors: int = _f(3, lo=1, hi=8, doc="number N of SAPE projectors (Table VI)")
+    sau: bool = _f(True, doc="weight the projectors with the scale-adaptive unit; false = plain "
+                             "mean 1/N (Table III 'projector ensemble')")
+    sau_kernels: str = _f("1-1-2-0", doc="SAU branch counts of 3x3, 5x5, 7x7, 9x9 convolutions "
+                                         "(Table VII), e.g. 1-1-2-0")
+    feature_loss: bool = _f(True, doc="L_fea, CDKD Eq. (5): 1 - cosine(SAPE output, teacher "
+                                      "feature)")
+    logit_loss: bool = _f(True, doc="L_logit, CDKD Eqs. (6)-(7): CCA bin merging + tau^2 KL")
+    alpha: float = _f(1.0, lo=0.0, doc="weight alpha of L_fea in CDKD Eq. (8); the initial "
+                                       "value when 'alpha' is in etht")
+    beta: float = _f(1.0, lo=0.0, doc="weight beta of L_logit in CDKD Eq. (8); the initial value "
+                                      "when 'beta' is in etht")
+    tau_init: float = _f(4.0, lo=0.01, doc="temperature tau: the fixed value (NECM) or the "
+                                           "learnt one's start; must lie in tau_range")
+    tau_range: tuple[float, float] = _f((1.0, 10.0), doc="(lo, hi) of the learnt tau = lo + "
+                                                         "(hi - lo) sigmoid(theta); CTKD uses "
+                                                         "(1, 21)")
+    etht: tuple[str, ...] = _f(("tau",), doc="what ETHT learns by gradient reversal, a subset "
+                                             "of [tau, alpha, beta] (Table VIII); [] = NECM "
+                                             "(fixed tau)")
+    xi_max: float = _f(1.0, lo=0.0, doc="final value of the gradient-reversal factor xi(t), "
+                                        "CDKD Eq. (12)")
+    xi_schedule: str = _f("cosine", choices=("cosine", "ctkd"),
+                          doc="xi(t): cosine = xi_max (1 - cos(pi t/T)) / 2 over the run; ctkd "
+                              "= the same ramp over the first 10 epochs, then xi_max")
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str = ""                         # "" = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
-    experiment: str = "kdray"
-    register: bool = True
+    """MLflow tracking and registry (docs/operations.md, "MLflow 3.17")."""
+    uri: str = _f("", doc="MLflow tracking URI (sqlite:///PATH.db or http://HOST:PORT); empty = "
+                          "$MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db")
+    experiment: str = _f("kdray", doc="MLflow experiment name")
+    register: bool = _f(True, doc="register the pipeline's models (aliases candidate and "
+                                  "champion)")
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    num_workers: int = _f(1, lo=0, hi=1024)  # 0 = run the stage in-process
-    use_gpu: str = _f("auto", choices=("auto", "yes", "no"))
-    cpus_per_worker: float = _f(1.0, lo=0.01)
-    max_failures: int = _f(2, lo=0)
-    storage_path: str = ""                # "" = <stage cache>/ray (resumable across reruns)
+    """Ray Train resources (docs/operations.md, "Ray Train")."""
+    num_workers: int = _f(1, lo=0, hi=1024, doc="Ray Train workers per stage; 0 = run the stage "
+                                                "in-process without Ray Train")
+    use_gpu: str = _f("auto", choices=("auto", "yes", "no"),
+                      doc="one GPU per worker; auto = yes when the Ray cluster has GPUs")
+    cpus_per_worker: float = _f(1.0, lo=0.01, doc="CPUs Ray reserves per worker (also its "
+                                                  "torch threads, rounded down)")
+    max_failures: int = _f(2, lo=0, doc="worker-group restarts from the latest checkpoint "
+                                        "before a stage fails")
+    storage_path: str = _f("", doc="Ray Train run storage, a shared folder or URI (s3://...); "
+                                   "empty = <stage cache>/ray (resumable across reruns)")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    name: str = "kdray"
-    data: DataConfig = _f(DataConfig())
-    teacher: StageConfig = _f(StageConfig())
-    student: StageConfig = _f(StageConfig(model=ModelConfig(backbone="mobilenetv3_small_100")))
-    tsd: TSDConfig = _f(TSDConfig())
-    cdkd: CDKDConfig = _f(CDKDConfig())
-    tracking: TrackingConfig = _f(TrackingConfig())
-    ray: RayConfig = _f(RayConfig())
+    """The whole experiment: one YAML file (configs/*.yaml) fills it."""
+    name: str = _f("kdray", doc="a label for the experiment; logged with the config, not part "
+                                "of any stage key")
+    data: DataConfig = _f(DataConfig(), doc="dataset, crops and augmentation (every stage)")
+    teacher: StageConfig = _f(StageConfig(), doc="the teacher (plain SimCC training)")
+    student: StageConfig = _f(StageConfig(model=ModelConfig(backbone="mobilenetv3_small_100")),
+                              doc="the TSD student (stage 1) and the undistilled baseline")
+    tsd: TSDConfig = _f(TSDConfig(), doc="TSD two-stage distillation")
+    cdkd: CDKDConfig = _f(CDKDConfig(), doc="CDKD cross-resolution distillation")
+    tracking: TrackingConfig = _f(TrackingConfig(), doc="MLflow tracking and model registry")
+    ray: RayConfig = _f(RayConfig(), doc="Ray Train resources and fault tolerance")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -414,3 +503,12 @@ def config_hash(*parts) -> str:
     blob = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    """Short sha256 of a file's bytes: names a checkpoint or an annotation file by content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

@@ -7,13 +7,16 @@ checkpoint paths in ``inputs`` (``teacher``, ``student``). The Ray layer calls t
 """
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kdray.codecs.simcc import SimCCCodec, sigma_for_size
-from kdray.config import ExperimentConfig, StageConfig, TrainConfig, to_dict
+from kdray.config import (ConfigError, ExperimentConfig, StageConfig, TrainConfig, file_hash,
+                          flatten, to_dict)
 from kdray.data.coco import load_dataset
 from kdray.data.dataset import PoseDataset, make_loader
 from kdray.data.frozen_cache import cached_loaders, ensure_cache
@@ -26,7 +29,7 @@ from kdray.nn.igp_gcn import IGPGCN
 from kdray.nn.pose_model import build_pose_model
 from kdray.nn.refined import gcn_feature_channels
 from kdray.tasks import CDKDTask, SimCCTask, TSDStage1Task, TSDStage2Task
-from kdray.train import FitResult, fast_paths, fit, seed_everything
+from kdray.train import CheckpointError, FitResult, fast_paths, fit, seed_everything
 
 STAGES = ("teacher", "student", "gcn", "cdkd")
 METRIC = {"coco": "coco", "synthpose": "coco", "crowdpose": "crowdpose", "mpii": "pckh"}
@@ -51,6 +54,31 @@ def stage_inputs(stage: str, cfg: ExperimentConfig) -> tuple[str, ...]:
     if stage == "cdkd":
         return ("teacher",)
     return ()
+
+
+def stage_sections(stage: str, cfg: ExperimentConfig) -> dict[str, object]:
+    """The config sections a stage's output depends on besides data and its inputs, by dotted
+    prefix (the pipeline's cache key hashes them; ``kdray train`` compares them to resume)."""
+    if stage == "teacher":
+        return {"teacher": cfg.teacher}
+    if stage == "student":
+        kd = {"tsd.stage1": cfg.tsd.stage1} if stage_inputs(stage, cfg) else {}
+        return {"student": cfg.student, **kd}
+    if stage == "gcn":
+        return {"tsd.stage2": cfg.tsd.stage2, "student.model": cfg.student.model}
+    if stage == "cdkd":
+        return {"cdkd": cfg.cdkd}
+    raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
+
+
+def result_fields(stage: str, cfg: ExperimentConfig) -> dict:
+    """Every dotted field that changes what the stage produces, with its value: its sections
+    and the data config, less the loader workers (``data.num_workers``)."""
+    fields = {}
+    for prefix, section in {**stage_sections(stage, cfg), "data": cfg.data}.items():
+        fields.update(flatten(section, prefix + "."))
+    fields.pop("data.num_workers")
+    return json.loads(json.dumps(fields))   # tuples as lists, as they read back from JSON
 
 
 def stage_config(stage: str, cfg: ExperimentConfig) -> StageConfig | TrainConfig:
@@ -180,13 +208,65 @@ def build_frozen_cache(cfg: ExperimentConfig, inputs: dict[str, str], cache_dir:
                         channels_last=cl)
 
 
+RUN_FILE = "train.json"     # what `kdray train` ran in an output dir: stage, fields, inputs
+OUTPUTS = ("checkpoints", "metrics.json", "loss_curve.png", "config.yaml", RUN_FILE)
+
+
+def claim_out_dir(stage: str, cfg: ExperimentConfig, out: Path, inputs: dict[str, str],
+                  overwrite: bool = False) -> None:
+    """``kdray train --out DIR`` continues a run in DIR only if it was made by the same stage,
+    config fields that change results (:func:`result_fields`) and input checkpoints; anything
+    else stops with the differing keys named, unless ``overwrite`` clears DIR's outputs first."""
+    record = {"stage": stage, "fields": result_fields(stage, cfg),
+              "inputs": {k: _input_digest(v) for k, v in sorted(inputs.items())}}
+    started = (out / "checkpoints" / "last.pt").exists()
+    if started and overwrite:
+        for name in OUTPUTS:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif started:
+        try:
+            old = json.loads((out / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            raise ConfigError(f"{out}: holds a run whose {RUN_FILE} is missing or unreadable, "
+                              f"so it cannot be resumed safely; pass --overwrite to start afresh "
+                              f"or give another --out") from None
+        diff = _differences(old, record)
+        if diff:
+            shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+            raise ConfigError(f"{out}: holds a run of another config ({shown}); pass --overwrite "
+                              f"to start afresh, or give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(record, indent=1))
+
+
+def _input_digest(path: str) -> str:
+    file = Path(path) / "last.pt" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: checkpoint file not found")
+    return file_hash(file)
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """``'key: old -> new'`` for each field, the stage and each input that differ."""
+    diff = [f"stage: {old.get('stage')} -> {new['stage']}"] if old.get("stage") != new["stage"] \
+        else []
+    for group in ("fields", "inputs"):
+        a, b = old.get(group, {}), new[group]
+        for key in sorted(set(a) | set(b)):
+            if a.get(key, "<absent>") != b.get(key, "<absent>"):
+                name = key if group == "fields" else f"--{key} checkpoint"
+                diff.append(f"{name}: {a.get(key, '<absent>')} -> {b.get(key, '<absent>')}")
+    return diff
+
+
 def run_stage(stage: str, cfg: ExperimentConfig, out_dir: str | Path,
               inputs: dict[str, str] | None = None, report=None, resume_from=None,
-              records=None, frozen: str | Path | None = None) -> FitResult:
+              records=None, frozen: str | Path | None = None, progress=None) -> FitResult:
     """Build and fit one stage in this process; checkpoints and metrics land in ``out_dir``."""
     built = build_stage(stage, cfg, inputs, records, frozen)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
     return fit(built.task, built.train_loader, built.train_cfg, out, built.evaluate,
-               report=report, resume_from=resume_from)
+               report=report, resume_from=resume_from, on_progress=progress)

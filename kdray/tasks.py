@@ -1,4 +1,4 @@
-"""The distillation contract (DESIGN.md section 3): one ``nn.Module`` per method.
+"""The distillation contract (docs/architecture.md, "Contracts"): one ``nn.Module`` per method.
 
 A task owns the student, the frozen teacher (eval mode, ``requires_grad=False``, never in the
 optimizer) and the adapters. ``forward(batch, progress)`` returns ``loss``, every named loss term
@@ -21,7 +21,7 @@ from kdray.nn.igp_gcn import IGPGCN
 from kdray.nn.refined import RefinedPoseModel, simcc_logits
 from kdray.nn.sape import SAPE, parse_kernel_mix
 
-BETA = 10.0  # SimCC's softmax scale (METHODS.md section 0)
+BETA = 10.0  # SimCC's softmax scale (docs/methods.md section 1.3)
 
 
 def backbone_name(model: nn.Module) -> str:
@@ -202,8 +202,9 @@ class TSDStage2Task(_Task):
 class CDKDTask(_Task):
     """CDKD, Eq. (8): L_ori + alpha L_fea (SAPE, Eq. 5) + beta L_logit (CCA, Eqs. 6-7).
 
-    The student sees ``image_low``; the frozen teacher sees ``image`` (same warp, METHODS.md
-    section 2). ETHT makes tau (and optionally alpha, beta) learnable through gradient reversal.
+    The student sees ``image_low``; the frozen teacher sees ``image`` (same warp,
+    docs/methods.md section 3.1). ETHT makes tau (and optionally alpha, beta) learnable
+    through gradient reversal.
     """
     frozen = ("teacher",)
 

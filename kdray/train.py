@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,12 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from kdray.config import TrainConfig
 
 Report = Callable[[dict, "str | None"], None]
 Evaluate = Callable[[nn.Module], dict]
+OnProgress = Callable[[dict], None]   # kdray.progress: step and epoch events
 
 
 class CheckpointError(RuntimeError):
@@ -59,7 +58,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# Measured on a 2-core AVX512-bf16 CPU (PITFALLS.md, bench/RESULTS.md): bf16 autocast speeds
+# Measured on a 2-core AVX512-bf16 CPU (docs/operations.md, bench/RESULTS.md): bf16 autocast speeds
 # HRNet training ~2x but slows MobileNetV3 (0.7x), and SimCC training under CPU bf16 autocast
 # diverged on SynthPose (KL 6 -> 100+ within two epochs, fp32 converged on the same data), so
 # ``auto`` trains in fp32 + channels_last on CPU and in bf16 + channels_last on CUDA.
@@ -164,7 +163,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def fit(task: nn.Module, train_loader, cfg: TrainConfig, out_dir: str | Path | None = None,
         evaluate: Evaluate | None = None, report: Report | None = None,
         resume_from: str | Path | None = None, is_main: bool = True,
-        device: torch.device | None = None) -> FitResult:
+        device: torch.device | None = None, on_progress: OnProgress | None = None
+        ) -> FitResult:
     """Train ``task`` for ``cfg.epochs``; evaluate every ``cfg.eval_every`` epochs and last.
 
     ``task(batch, progress)`` returns a dict with ``loss`` and named terms (``task`` may be a
@@ -172,7 +172,9 @@ def fit(task: nn.Module, train_loader, cfg: TrainConfig, out_dir: str | Path | N
     ``task.trainable_parameters()`` is what the optimizer updates. ``report(metrics, ckpt_dir)``
     is called once per epoch on every rank (Ray's report is a barrier); ``ckpt_dir`` is None on
     ranks that do not write checkpoints. ``resume_from`` (a checkpoint file or folder) or an
-    existing ``out_dir/checkpoints/last.pt`` continues at the next epoch.
+    existing ``out_dir/checkpoints/last.pt`` continues at the next epoch. ``on_progress``
+    receives step events (at most every half second) and one event per epoch, on the main
+    rank (kdray.progress.ConsoleProgress renders them).
     """
     device = device or resolve_device(cfg.device)
     out = Path(out_dir) if out_dir is not None else None
@@ -206,7 +208,7 @@ def fit(task: nn.Module, train_loader, cfg: TrainConfig, out_dir: str | Path | N
         _set_epoch(train_loader, cfg.seed, epoch)
         with autocast():
             terms = _train_epoch(task, train_loader, opt, sched, params, cfg, epoch, device,
-                                 is_main)
+                                 on_progress if is_main else None)
         metrics = {"epoch": epoch, **terms}
         if evaluate is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             core.eval()
@@ -214,10 +216,8 @@ def fit(task: nn.Module, train_loader, cfg: TrainConfig, out_dir: str | Path | N
                 metrics.update({f"val_{k}": v for k, v in evaluate(core).items()})
         metrics.update(core.epoch_metrics() if hasattr(core, "epoch_metrics") else {})
         history.append(metrics)
-        if is_main:
-            print(f"[epoch {epoch}/{cfg.epochs}] " + " ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items()
-                if isinstance(v, float) and k != "epoch"), file=sys.stderr, flush=True)
+        if is_main and on_progress is not None:
+            on_progress({"kind": "epoch", "epochs": cfg.epochs, "metrics": metrics})
         ckpt_dir = None
         if is_main and ckpt_path is not None:
             save_checkpoint(ckpt_path, {
@@ -232,15 +232,16 @@ def fit(task: nn.Module, train_loader, cfg: TrainConfig, out_dir: str | Path | N
     return FitResult(metrics=metrics, history=history, checkpoint=ckpt_path)
 
 
-def _train_epoch(task, loader, opt, sched, params, cfg, epoch, device, is_main) -> dict:
+PROGRESS_EVERY_S = 0.5
+
+
+def _train_epoch(task, loader, opt, sched, params, cfg, epoch, device, on_progress) -> dict:
     task.train()
     sums: dict[str, float] = {}
     seen, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, mininterval=1.0,
-               disable=not is_main or os.environ.get("KDRAY_PROGRESS", "1") == "0",
-               file=sys.stderr, dynamic_ncols=True)
+    shown = -PROGRESS_EVERY_S
     steps = len(loader)
-    for i, batch in enumerate(bar):
+    for i, batch in enumerate(loader):
         batch = _to_device(batch, device)
         progress = Progress(epoch, cfg.epochs, ((epoch - 1) * steps + i) / (cfg.epochs * steps))
         out = task(batch, progress)
@@ -259,9 +260,12 @@ def _train_epoch(task, loader, opt, sched, params, cfg, epoch, device, is_main) 
         for k, v in out.items():
             if k.startswith("loss") and torch.is_tensor(v) and v.ndim == 0:
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
-        if i % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
-                            ips=f"{seen / (time.perf_counter() - t0):.0f}")
+        now = time.perf_counter()
+        if on_progress is not None and (now - shown >= PROGRESS_EVERY_S or i == steps - 1):
+            shown = now   # the running mean over the epoch so far, not the last batch
+            on_progress({"kind": "step", "epoch": epoch, "epochs": cfg.epochs, "step": i,
+                      "steps": steps, "loss": sums.get("loss", 0.0) / max(seen, 1),
+                      "ips": seen / max(now - t0, 1e-9)})
     dt = time.perf_counter() - t0
     terms = {k: v / max(seen, 1) for k, v in sums.items()}
     terms.update(lr=float(sched.get_last_lr()[0]), throughput=seen / max(dt, 1e-9),

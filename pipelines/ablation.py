@@ -28,8 +28,9 @@ TABLES = ("tsd-iv", "cdkd-iii", "cdkd-vi", "cdkd-vii", "cdkd-viii")
 
 
 def _options(p) -> None:
-    p.add_argument("--table", required=True, choices=TABLES)
-    p.add_argument("--seeds", type=int, default=2, help="seeds per row (default 2)")
+    p.add_argument("--table", required=True, choices=TABLES,
+                   help="the paper table to run, rows from configs/ablations.yaml")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per row (default: %(default)s)")
 
 
 def main(argv: list[str] | None = None) -> dict:

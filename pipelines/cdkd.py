@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import sys
 
-from kdray.orchestration.pipeline import Pipeline, parse_args, primary_metric
+from kdray.orchestration.args import parse_args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("cdkd", argv, __doc__)
-    with Pipeline("cdkd", cfg, args) as p:
+    # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
+    from kdray.orchestration.pipeline import Pipeline, primary_metric
+    with Pipeline("cdkd", cfg, args, stages=2) as p:
         teacher = p.teacher(args.teacher)                          # trained once, or given
         student = p.stage("cdkd", teacher=teacher)                 # low-res student
 

@@ -30,10 +30,11 @@ from kdray.orchestration.tune import frozen_outputs, sweep, uses_frozen_cache
 
 def _options(p) -> None:
     p.add_argument("space", help="search space file (search_spaces/*.yaml)")
-    p.add_argument("--num-samples", type=int, default=8, help="number of trials (default 8)")
+    p.add_argument("--num-samples", type=int, default=8,
+                   help="number of trials (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep in --out instead of starting over")
-    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed (default: %(default)s)")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import sys
 
-from kdray.orchestration.pipeline import Pipeline, baseline_config, parse_args, primary_metric
-from kdray.orchestration.ray_train import throughput_probe
-
-
-def _options(p) -> None:
-    p.add_argument("--no-probe", action="store_true",
-                   help="skip the Ray Train vs plain-loop throughput probe")
+from kdray.orchestration.args import parse_args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, cfg = parse_args("two_stage", argv, __doc__, _options)
-    with Pipeline("two_stage", cfg, args) as p:
+    args, cfg = parse_args("two_stage", argv, __doc__)
+    # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
+    from kdray.orchestration.pipeline import Pipeline, baseline_config, primary_metric
+    with Pipeline("two_stage", cfg, args, stages=4) as p:
         teacher = p.teacher(args.teacher)                          # trained once, or given
         stage1 = p.stage("student", label="stage1", teacher=teacher)          # S4: TSD stage 1
         stage2 = p.stage("gcn", label="stage2", teacher=teacher, student=stage1)  # S6: IGP-GCN
@@ -41,9 +37,6 @@ def main(argv: list[str] | None = None) -> dict:
                         for k in ("baseline", "stage1", "stage2")})
         metrics.update({f"seconds_{k}": round(r.wall_seconds, 1) for k, r in runs.items()})
         metrics.update({f"reused_{k}": float(r.reused) for k, r in runs.items()})
-        if not args.no_probe and p.cfg.ray.num_workers > 0:
-            metrics.update({k: v for k, v in throughput_probe(
-                "teacher", p.cfg, {}, p.out / "probe").items() if isinstance(v, float)})
 
         for result in (teacher, stage1, stage2):                  # registration
             p.register(result)

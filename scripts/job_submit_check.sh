@@ -50,8 +50,7 @@ echo "== ray job submit (outputs under $STORAGE)"
 # The working dir is uploaded (100 MiB limit, .gitignore honoured: data/, runs/, mlruns/ and
 # mlflow.db stay behind); --storage makes every output land outside the job's temp copy.
 "$BIN/ray" job submit --address "http://127.0.0.1:$DASH_PORT" --working-dir . -- \
-  "$BIN/python" pipelines/two_stage.py --config configs/smoke.yaml --storage "$STORAGE" \
-  --no-probe "$@"
+  "$BIN/python" pipelines/two_stage.py --config configs/smoke.yaml --storage "$STORAGE" "$@"
 
 echo "== check outputs"
 "$BIN/python" - "$STORAGE" <<'PY'
@@ -60,7 +59,7 @@ from pathlib import Path
 storage = Path(sys.argv[1])
 summary = json.loads((storage / "runs" / "two_stage" / "summary.json").read_text())
 assert summary["pipeline"] == "two_stage" and summary["mlflow_run_id"], summary
-assert (storage / "mlflow.db").is_file(), "no MLflow store under the storage dir"
+assert (storage / "runs" / "smoke" / "mlflow.db").is_file(), "no MLflow store under the storage dir"
 print("job summary:", json.dumps(summary["metrics"]))
 print("OK: ray job submit ran pipelines/two_stage.py; outputs in", storage)
 PY

@@ -1,4 +1,4 @@
-"""SimCC coordinate classification codec (METHODS.md section 0; TSD and CDKD both build on it).
+"""SimCC coordinate classification codec (docs/methods.md section 1.2; TSD and CDKD build on it).
 
 Pure functions around a frozen dataclass: no ``nn.Module`` state, so one codec object feeds the
 dataset (``encode``) and the evaluator (``decode``, ``flip_logits``), and the losses
@@ -50,7 +50,7 @@ class SimCCCodec:
     # ---- targets -----------------------------------------------------------------------------
     def encode(self, keypoints: np.ndarray, visible: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """1-D Gaussian label smoothing per axis (SimCC; METHODS.md section 0).
+        """1-D Gaussian label smoothing per axis (SimCC; docs/methods.md section 1.2).
 
         keypoints (..., K, 2) crop pixels, visible (..., K) COCO v in {0, 1, 2}.
         Returns target_x (..., K, Wx), target_y (..., K, Hy) float32, weight (..., K) float32.
@@ -84,7 +84,7 @@ class SimCCCodec:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Argmax decoding: logits_x (B, K, Wx), logits_y (B, K, Hy) ->
         coords (B, K, 2) float32 crop pixels (``argmax / k``), scores (B, K) = min over the axes
-        of the maximum of softmax(beta * logits) (METHODS.md section 0). No sub-bin refinement.
+        of the maximum of softmax(beta * logits) (docs/methods.md 1.2). No sub-bin refinement.
         """
         lx, ly = torch.as_tensor(logits_x), torch.as_tensor(logits_y)
         px = torch.softmax(lx.float() * self.beta, dim=-1)
@@ -164,6 +164,6 @@ def flip_logits(logits_x: torch.Tensor, logits_y: torch.Tensor, flip_index: Sequ
 def sigma_for_size(sigma: float, size: tuple[int, int], ref_size: tuple[int, int]
                    ) -> tuple[float, float]:
     """Per-axis sigma (bins) scaled from ``ref_size`` to ``size`` (both (H, W)), so the label
-    smoothing covers the same fraction of the crop (METHODS.md: "scale sigma with input size")."""
+    smoothing covers the same fraction of the crop (docs/methods.md 1.2, scale sigma with size)."""
     return (sigma * size[1] / ref_size[1], sigma * size[0] / ref_size[0])
 

@@ -1,4 +1,4 @@
-"""Person crops with SimCC targets (METHODS.md section 0), plus the low-res view CDKD needs.
+"""Person crops with SimCC targets (docs/methods.md section 1), plus the low-res view CDKD needs.
 
 Items stay uint8 until the batch is on the device: :func:`normalize` does mean/std there, so
 loader workers move 4x fewer bytes than float32 images would. Randomness comes from a numpy
@@ -50,7 +50,7 @@ class PoseDataset(Dataset):
         self.input_size = tuple(int(v) for v in (input_size or data_cfg.input_size))
         self.aspect_wh = self.input_size[1] / self.input_size[0]
         # data_cfg.sigma is in bins at data_cfg.input_size; other sizes keep the same smoothing
-        # width relative to the crop (METHODS.md section 0: "scale sigma with input size").
+        # width relative to the crop (docs/methods.md 1.2: "scale sigma with input size").
         ref = tuple(data_cfg.input_size)
         self.codec = SimCCCodec(self.input_size, data_cfg.split_ratio,
                                 sigma_for_size(data_cfg.sigma, self.input_size, ref))

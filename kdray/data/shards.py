@@ -1,7 +1,7 @@
 """Pre-warped person crops in Parquet shards: the JPEG decode is paid once, not every epoch.
 
 Issue 9 (data path). Each training person is warped once from its image into a *source crop*
-big enough that every augmented crop (METHODS.md section 0: half-body, scale x U(scale_range),
+big enough that every augmented crop (docs/methods.md 1.1: half-body, scale x U(scale_range),
 rotation up to +-rotation, flip) lies inside it, at the pixel density the zoomed-in end of the
 scale range needs at ``data.input_size`` (capped at the image's own density). The crops and
 their records (bbox, keypoints, ids) go into Parquet shards (pyarrow); :class:`ShardDataset`

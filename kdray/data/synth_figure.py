@@ -1,5 +1,5 @@
 """One articulated SynthPose figure: a 3-D stick body posed within joint limits, projected
-orthographically and drawn with OpenCV (METHODS.md section 0, the embedded dataset).
+orthographically and drawn with OpenCV (docs/methods.md section 1.6, the embedded dataset).
 
 Body frame: +x is the person's LEFT, +y up, +z the way the person faces; the camera looks down
 -z, so a figure facing the camera (yaw 0) shows its left side on the image's right. Left and right

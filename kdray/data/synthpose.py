@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -316,7 +317,9 @@ def generate(out_dir: str | Path, train: int = 4000, val: int = 500, seed: int =
     jobs = [(str(out), split, i, n, seed, hard)
             for split, total in (("train", train), ("val", val))
             for i, n in enumerate(person_counts(total, seed, SPLITS[split], hard.max_persons))]
-    bar = dict(total=len(jobs), disable=not progress, desc="SynthPose", unit="img")
+    # disable=None: tqdm draws on a terminal only (a log file gets no carriage-return spam).
+    bar = dict(total=len(jobs), disable=None if progress else True, desc="SynthPose",
+               unit="img", file=sys.stderr)
     if workers > 1 and not mp.current_process().daemon:   # daemons may not have children
         with mp.get_context("spawn").Pool(workers) as pool:
             results = list(tqdm(pool.imap(_image_job, jobs, chunksize=8), **bar))

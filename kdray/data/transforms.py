@@ -1,4 +1,4 @@
-"""Top-down affine crops and their augmentation (METHODS.md section 0), hi/low-res views (CDKD).
+"""Top-down affine crops and their augmentation (docs/methods.md 1.1), hi/low-res views (CDKD).
 
 Coordinates are OpenCV's: pixel i has its centre at i, in the image and in the crop. A crop is
 one affine map M (2, 3) from image to crop pixels, composed from (center, scale, rotation, flip);
@@ -49,7 +49,7 @@ def box_to_center_scale(bbox_xywh, aspect_wh: float, padding: float = 1.25
     """COCO box (4,) xywh -> center (2,), scale (2,) = padded (w, h) with ``w / h = aspect_wh``.
 
     The shorter side is grown to the input aspect ratio (W / H of the crop) so the warp never
-    distorts the person, then both are multiplied by ``padding`` (1.25, METHODS.md section 0).
+    distorts the person, then both are multiplied by ``padding`` (1.25, docs/methods.md 1.1).
     """
     x, y, w, h = (float(v) for v in bbox_xywh)
     center = np.array([x + 0.5 * w, y + 0.5 * h], dtype=np.float32)

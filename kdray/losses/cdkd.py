@@ -8,7 +8,7 @@
 - ETHT, Eqs. (9)-(12), after CTKD: `LearnableTemperature` behind `grad_reverse`, scaled by
   `xi_schedule`. NECM (Table III) is the same loss with a plain float tau.
 
-Temperature (METHODS.md section 2): both sides use the task loss' scaled logits,
+Temperature (docs/methods.md section 3.4): both sides use the task loss' scaled logits,
 p = softmax(beta_scale * logits / tau) with beta_scale = 10, and the teacher is softened *before*
 merging, because Eq. (6) sums probabilities, and the probabilities to distil are the softened ones
 (as in KD, where tau acts on both sides). The gradient w.r.t. tau flows through both sides.
@@ -151,7 +151,7 @@ class LearnableTemperature(nn.Module):
 
     theta starts where value == init. forward(xi) returns the value behind `grad_reverse`, so the
     optimizer that minimises the student's loss maximises xi * L w.r.t. theta (Eq. 11). Default
-    range (1, 10) for tau (METHODS.md; CTKD's own is (1, 21)). For learnable loss weights
+    range (1, 10) for tau (docs/methods.md 3.6; CTKD's own is (1, 21)). For learnable loss weights
     (Table VIII) use `learnable_loss_weight`: range (0, 2 * init), which starts at sigmoid(0).
     """
 

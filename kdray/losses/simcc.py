@@ -1,4 +1,4 @@
-"""The SimCC task loss L_KL (METHODS.md section 0; SimCC Sec. 3, TSD Eq. 5, CDKD Eq. 8 L_ori).
+"""The SimCC task loss L_KL (docs/methods.md 1.3; SimCC Sec. 3, TSD Eq. 5, CDKD Eq. 8 L_ori).
 
 For every joint k of sample b and each axis, the target is a 1-D Gaussian-smoothed distribution
 over the bins (``kdray.codecs.simcc``; it sums to 1) and the prediction is softmax(beta * logits):

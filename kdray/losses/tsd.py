@@ -1,4 +1,4 @@
-"""TSD losses (Ji et al., two-stage distillation), Eqs. (1)-(7); METHODS.md section 1.
+"""TSD losses (Ji et al., two-stage distillation), Eqs. (1)-(7); docs/methods.md section 2.
 
 Every function takes named tensors and plain numbers, never a config object, so a task composes
 them at the call site. Conventions shared by all of them:
@@ -37,7 +37,7 @@ def feature_mse(student_feat: Tensor, teacher_feat: Tensor, adapter: nn.Module) 
 
     student_feat (B, Cs, Hs, Ws), teacher_feat (B, Ct, Ht, Wt), adapter maps Cs -> Ct.
     C, H, W are the teacher's; when (Hs, Ws) != (Ht, Wt) the adapted student map is resized
-    bilinearly (align_corners=False) to the teacher's size (decision, METHODS.md). With equal
+    bilinearly (align_corners=False) to the teacher's size (decision, docs/methods.md 4). With equal
     C*H*W per sample, "normalise by CHW then average over B" is the mean over all elements.
     Returns a scalar.
     """
@@ -123,7 +123,7 @@ def mean_edge_lengths(keypoints, skeleton: Sequence[tuple[int, int]]) -> Tensor:
 
 def edge_weights(skeleton: Sequence[tuple[int, int]], mode: str = "uniform",
                  mean_lengths: Tensor | None = None) -> Tensor:
-    """Edge weights w_ij of TSD Eq. (3), (E,) float32 summing to 1 (decision, METHODS.md).
+    """Edge weights w_ij of TSD Eq. (3), (E,) float32 summing to 1 (decision, docs/methods.md 4).
 
     ``uniform``: 1/|E|. ``inverse_length``: proportional to 1 / mean GT edge length (from
     ``mean_edge_lengths``), the anatomical-constraint variant: short limbs (eyes, ears) are not

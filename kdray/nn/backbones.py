@@ -1,4 +1,4 @@
-"""timm backbones returning multi-scale feature maps for the SimCC pose model (METHODS.md sec. 0).
+"""timm backbones returning multi-scale feature maps for the SimCC pose model (docs/methods.md 1.2).
 
 One dict, :data:`BACKBONES`, maps a config name (``model.backbone``) to the timm model name, its
 create kwargs and which returned map feeds the SimCC head. Nothing downloads: models are built
@@ -113,7 +113,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         sd = load_file(str(path))
-    else:  # never unpickle arbitrary objects (PITFALLS.md, security notes)
+    else:  # never unpickle arbitrary objects (docs/operations.md, "Security notes")
         sd = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):  # common checkpoint nestings
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):

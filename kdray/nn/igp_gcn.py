@@ -1,5 +1,5 @@
 """IGP-GCN: the image-guided progressive GCN of TSD stage 2 (Ji et al. Sec. III-B, after
-OPEC-Net); METHODS.md section 1.
+OPEC-Net); docs/methods.md section 2.2.
 
 Input: the frozen student's initial pose P_init (B, K, 3) = (x, y, confidence) with x, y
 normalised to [0, 1] by the input width/height, and three student feature maps, low -> high

@@ -1,4 +1,5 @@
-"""The top-down SimCC pose model: timm backbone + SimCC head (METHODS.md section 0, DESIGN sec. 3).
+"""The top-down SimCC pose model: timm backbone + SimCC head (docs/methods.md section 1.2; the
+model contract: docs/architecture.md, "Contracts").
 
 ``forward(images)`` returns ``dict(feats, logits_x, logits_y)``; the knowledge-distillation code
 reads the features it needs from ``feats`` directly (no hooks, no module paths):

@@ -7,7 +7,7 @@ and per channel, how much each projector contributes (Eq. 4). The result feeds L
 `kdray.losses.cdkd.cosine_feature_loss`). The module is training-only: it is thrown away with the
 teacher at inference.
 
-Readings of the paper's text (METHODS.md section 2), in the order the data flows:
+Readings of the paper's text (docs/methods.md sections 3.2 and 4), in the order the data flows:
 - Projector k (Sec. III-A1, "a FC layer and a ReLU"): bilinear upsample to (Ht, Wt), then a 1x1
   conv Cs -> Ct (an FC per pixel), then ReLU -> F_k (B, Ct, Ht, Wt).
 - Eq. (1): branch i = Conv_i(k_i x k_i, Cs -> Ct, padding k_i // 2) + BN + ReLU on the *upsampled*

@@ -1,4 +1,4 @@
-"""SimCC head (Li et al., SimCC, ECCV 2022; METHODS.md section 0).
+"""SimCC head (Li et al., SimCC, ECCV 2022; docs/methods.md section 1.2).
 
 The head input (B, C, h, w) is turned into K keypoint maps by a 1x1 convolution, each map is
 flattened to a vector of h*w cells, and one Linear layer per axis classifies it into the
@@ -8,10 +8,10 @@ plain Linear layers are the SimCC baseline the TSD and CDKD papers start from.
 
 Initialisation: the loss uses softmax(beta * logits) with beta = 10, so PyTorch's default Linear
 init (weights up to 1/sqrt(h*w)) starts with distributions sharply peaked on random bins, and
-training plateaus for minutes (DEMO-FACTS.md). The two classifiers' weights are therefore scaled
-by ``init_scale`` (``model.head_init_scale``, 0.1 by default) and their biases set to zero, so
-the first predictions are close to uniform. mmpose initialises them as N(0, 0.01), zero bias:
-the same idea.
+training plateaus for minutes (docs/operations.md, "CPU demo facts"). The two classifiers'
+weights are therefore scaled by ``init_scale`` (``model.head_init_scale``, 0.1 by default) and
+their biases set to zero, so the first predictions are close to uniform. mmpose initialises
+them as N(0, 0.01), zero bias: the same idea.
 """
 from __future__ import annotations
 

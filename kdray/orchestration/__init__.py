@@ -1,1 +1,2 @@
-"""Ray, Ray Tune/Optuna and MLflow live here and nowhere else in kdray (DESIGN.md section 2)."""
+"""Ray, Ray Tune/Optuna and MLflow live here and nowhere else in kdray (docs/architecture.md,
+"Layers and layout")."""

@@ -2,7 +2,8 @@
 
 A pipeline (pipelines/two_stage.py, pipelines/cdkd.py) is a :class:`Pipeline` context and a few
 calls to :meth:`Pipeline.stage`; the DAG is the order of the calls and the results they pass on
-(Ray Workflows is gone, PITFALLS.md). A stage's key hashes only what changes its output:
+(Ray Workflows is gone: docs/operations.md, "Pipelines and Ray jobs"). A stage's key hashes
+only what changes its output:
 
     teacher   teacher section + data
     student   student section (+ tsd.stage1 and the teacher's key when a KD term is on; the
@@ -29,15 +30,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdray.config import (ExperimentConfig, config_hash, dump_yaml, flatten, load_config,
-                          with_overrides)
+from kdray.config import ExperimentConfig, config_hash, dump_yaml, flatten, with_overrides
+from kdray.orchestration.args import parse_args  # noqa: F401 (the pipelines' import point)
+from kdray.console import log
 from kdray.orchestration import ray_train, tracking
-from kdray.stages import METRIC, ensure_data, stage_inputs
+from kdray.progress import ConsoleProgress, clock
+from kdray.stages import METRIC, ensure_data, stage_inputs, stage_sections
 
 
 @dataclass(frozen=True)
 class StageResult:
-    """A finished stage (DESIGN.md section 3): what downstream stages and the registry need."""
+    """A finished stage (docs/architecture.md, "Contracts"): what downstream stages and the
+    registry need."""
     stage: str
     key: str                 # config hash: the cache key
     checkpoint: str          # absolute path of the checkpoint (last.pt)
@@ -48,30 +52,16 @@ class StageResult:
     reused: bool = False
 
 
-def log(msg: str) -> None:
-    print(f"[kdray] {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- keys
-
-def stage_sections(stage: str, cfg: ExperimentConfig) -> tuple:
-    """The config sections a stage's output depends on (besides data and its inputs)."""
-    if stage == "teacher":
-        return (cfg.teacher,)
-    if stage == "student":
-        return (cfg.student, cfg.tsd.stage1) if stage_inputs(stage, cfg) else (cfg.student,)
-    if stage == "gcn":
-        return (cfg.tsd.stage2, cfg.student.model)
-    if stage == "cdkd":
-        return (cfg.cdkd,)
-    raise ValueError(f"unknown stage {stage!r}")
-
 
 def stage_key(stage: str, cfg: ExperimentConfig, input_keys: dict[str, str]) -> str:
     """Hash of the stage's sections, the data config and its inputs' keys (not the whole config:
     loader workers, tracking and Ray settings do not change what a stage produces)."""
     data = dataclasses.replace(cfg.data, num_workers=0)
-    return config_hash(stage, *stage_sections(stage, cfg), data, dict(sorted(input_keys.items())))
+    return config_hash(stage, *stage_sections(stage, cfg).values(), data,
+                       dict(sorted(input_keys.items())))
 
 
 def resolve_config(cfg: ExperimentConfig, storage: Path) -> ExperimentConfig:
@@ -99,8 +89,12 @@ class Pipeline:
     ``with Pipeline("two_stage", cfg, args) as p:`` ... ``p.stage(...)`` ... ``p.finish(...)``.
     """
 
-    def __init__(self, name: str, cfg: ExperimentConfig, args: argparse.Namespace):
+    def __init__(self, name: str, cfg: ExperimentConfig, args: argparse.Namespace,
+                 stages: int = 0):
         self.name = name
+        self.planned = stages          # how many stages the pipeline runs: "stage k/N", its ETA
+        self._walls: list[float] = []  # wall seconds of the stages trained so far
+        self._t0 = time.monotonic()
         self.storage = Path(args.storage or os.environ.get("KDRAY_STORAGE") or Path.cwd()).resolve()
         self.cfg = resolve_config(cfg, self.storage)
         # Relative --out/--cache are under the storage dir too (a job's CWD is a temp copy).
@@ -120,13 +114,18 @@ class Pipeline:
     def __enter__(self) -> "Pipeline":
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache.mkdir(parents=True, exist_ok=True)
+        self._claim = _claim_out_dir(self.out)   # held until __exit__
         self.experiment_id = tracking.init_store(self.uri, self.cfg.tracking.experiment)
+        self._close_orphans()
         if self.run_id:
             tracking.reopen_run(self.uri, self.run_id)
         else:
             self.run_id = tracking.start_run(self.uri, self.experiment_id, self.name,
-                                             tags={"kdray.pipeline": self.name})
+                                             tags={"kdray.pipeline": self.name,
+                                                   "kdray.out_dir": str(self.out)})
             tracking.log_params(self.uri, self.run_id, flatten(self.cfg))
+        (self.out / RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "uri": self.uri,
+                                                     "pid": os.getpid()}))
         dump_yaml(self.cfg, self.out / "config.yaml")
         tracking.log_artifacts(self.uri, self.run_id, [self.out / "config.yaml"])
         log(f"{self.name}: out {self.out}, stage cache {self.cache}, MLflow {self.uri} "
@@ -135,8 +134,29 @@ class Pipeline:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        tracking.end_run(self.uri, self.run_id, "FINISHED" if exc is None else "FAILED")
-        ray_train.shutdown_ray()  # Ray starts on the first stage that trains
+        status = "FINISHED" if exc is None else \
+            "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            tracking.end_run(self.uri, self.run_id, status)
+            ray_train.shutdown_ray()  # Ray starts on the first stage that trains
+        finally:
+            self._claim.close()
+
+    def _close_orphans(self) -> None:
+        """The previous run of this pipeline in this output dir was killed (SIGKILL, a lost
+        machine) if its MLflow runs still say RUNNING: we hold the dir's lock, so its process
+        is gone. Close them as KILLED (tag ``kdray.orphaned``) before starting afresh."""
+        path = self.out / RUN_FILE
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if previous.get("uri") != self.uri or previous.get("run_id") in ("", self.run_id):
+            return
+        closed = tracking.close_orphans(self.uri, previous["run_id"])
+        if closed:
+            log(f"closed {len(closed)} MLflow run(s) of a killed earlier run as KILLED: "
+                f"{', '.join(closed)}")
 
     # -- stages ------------------------------------------------------------------------------
     def stage(self, stage: str, cfg: ExperimentConfig | None = None, label: str | None = None,
@@ -151,6 +171,7 @@ class Pipeline:
         used = {n: inputs[n] for n in needed}  # e.g. the baseline ignores a given teacher
         key = stage_key(stage, cfg, {n: r.key for n, r in used.items()})
         stage_dir = self.cache / f"{stage}-{key}"
+        self._index = len(self.results) + 1
         with _lock(self.cache / f"{stage}-{key}.lock"):
             done = _read_marker(stage_dir)
             if done is not None:
@@ -160,10 +181,23 @@ class Pipeline:
         self.results[label] = result
         return result
 
+    def _head(self, label: str) -> str:
+        return f"stage {self._index}/{self.planned} {label}" if self.planned else label
+
+    def _rest(self, eta: float) -> float:
+        """Seconds the stages after the current one will take: the mean of those trained so
+        far, else the current stage's own projected length (a rough guide, shown with ~)."""
+        left = max(0, self.planned - self._index)
+        per = (sum(self._walls) / len(self._walls) if self._walls
+               else time.monotonic() - self._stage_t0 + eta)
+        return left * per
+
     def _train(self, stage, label, cfg, key, stage_dir, used) -> StageResult:
         resumed = (stage_dir / "attempts.jsonl").exists()
-        log(f"{label}: {'resuming' if resumed else 'training'} stage {stage} "
+        log(f"{self._head(label)}: {'resuming' if resumed else 'training'} stage {stage} "
             f"(key {key}) in {stage_dir}")
+        self._stage_t0 = time.monotonic()
+        progress = ConsoleProgress(label, self._index, self.planned, self._rest)
         run_id = tracking.start_run(self.uri, self.experiment_id, label, parent_id=self.run_id,
                                     tags={"kdray.stage": stage, "kdray.stage_key": key,
                                           "kdray.label": label})
@@ -173,28 +207,32 @@ class Pipeline:
             fit = ray_train.train_stage(stage, cfg, stage_dir,
                                         {n: r.checkpoint for n, r in used.items()},
                                         run_name=f"{stage}-{key}", storage_path=self.ray_storage,
-                                        mlflow=(self.uri, run_id))
+                                        mlflow=(self.uri, run_id), progress=progress)
+            progress.clear()
             wall = time.perf_counter() - t0
+            self._walls.append(wall)
             tracking.log_history(self.uri, run_id, fit.history)
             pose_sheet(fit.checkpoint, cfg, stage_dir / "poses.png")
             tracking.log_artifacts(self.uri, run_id, [
                 stage_dir / n for n in ("config.yaml", "metrics.json", "loss_curve.png",
                                         "poses.png")])
             tracking.log_metrics(self.uri, run_id, {"wall_seconds": wall})
-        except BaseException:
-            tracking.end_run(self.uri, run_id, "FAILED")
+        except BaseException as e:
+            progress.clear()
+            tracking.end_run(self.uri, run_id,
+                             "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         tracking.end_run(self.uri, run_id)
         self._child_runs[(stage, key)] = run_id
         result = StageResult(stage, key, str(fit.checkpoint), run_id, fit.metrics,
                              str(stage_dir), wall)
         _write_marker(stage_dir, result)
-        log(f"{label}: done in {wall:.0f} s, {_brief(result.metrics)}")
+        log(f"{self._head(label)}: done in {clock(wall)}, {_brief(result.metrics)}")
         return result
 
     def _reuse(self, label: str, done: StageResult) -> StageResult:
-        log(f"{label}: reused finished stage {done.stage} (key {done.key}, trained in MLflow "
-            f"run {done.run_id or '-'}) from {done.out_dir}")
+        log(f"{self._head(label)}: reused finished stage {done.stage} (key {done.key}, trained "
+            f"in MLflow run {done.run_id or '-'}) from {done.out_dir}")
         run_id = tracking.start_run(self.uri, self.experiment_id, label, parent_id=self.run_id,
                                     tags={"kdray.stage": done.stage, "kdray.stage_key": done.key,
                                           "kdray.label": label, "kdray.reused": "true",
@@ -253,10 +291,13 @@ class Pipeline:
                                                                            result.key)],
                                                result.checkpoint, tmp)
             model_uri = info.model_uri
-        val_set = tracking.file_hash(Path(self.cfg.data.root) / self.cfg.data.val_ann)
+        data = self.cfg.data
+        val_set = tracking.file_hash(Path(data.root) / data.val_ann)
         reg = tracking.register(self.uri, result.stage, model_uri, run_id=result.run_id,
                                 stage_key=result.key, val_set=val_set, metric=metric,
-                                value=float(value))
+                                value=float(value), description=(
+                                    f"{self.name} pipeline, stage {result.stage} "
+                                    f"({result.out_dir}); data {data.dataset} at {data.root}"))
         self.registered[name] = reg
         log(f"registered {name} version {reg['version']} ({metric} {value:.2f})"
             f"{', champion' if reg['champion'] else ''}")
@@ -264,7 +305,8 @@ class Pipeline:
 
     # -- the end -----------------------------------------------------------------------------
     def finish(self, metrics: dict, outputs: dict | None = None) -> dict:
-        """Print the one summary JSON line and write ``summary.json`` (DESIGN.md section 1)."""
+        """Print the one summary JSON line and write ``summary.json`` (docs/architecture.md,
+        "Command-line contract")."""
         outputs = {"out_dir": str(self.out), "cache": str(self.cache), "mlflow_uri": self.uri,
                    "stages": {k: r.checkpoint for k, r in self.results.items()},
                    "models": {k: f"models:/{k}/{v['version']}"
@@ -274,8 +316,34 @@ class Pipeline:
         tracking.log_metrics(self.uri, self.run_id, metrics)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         tracking.log_artifacts(self.uri, self.run_id, [self.out / "summary.json"])
+        print(self.table(), file=sys.stderr, flush=True)
         print(json.dumps(summary), flush=True)
         return summary
+
+    def table(self) -> str:
+        """The end of the console: each stage's metrics, where its model was registered, and
+        how to look at the runs."""
+        metric = primary_metric(self.cfg)
+        rows = [("stage", "kind", metric.removeprefix("val_"), "occl. err", "time", "")]
+        for label, r in self.results.items():
+            m = r.metrics
+            rows.append((label, r.stage, _num(m.get(metric)), _num(m.get("val_err_occluded")),
+                         "-" if r.reused else clock(r.wall_seconds),
+                         "reused" if r.reused else "trained"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"[kdray] {self.name} finished in {clock(time.monotonic() - self._t0)}"]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                  for row in rows]
+        for name, reg in self.registered.items():
+            lines.append(f"  registered {reg['uri']}" +
+                         (" (champion)" if reg["champion"] else " (candidate)"))
+        ui = f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1"
+        lines.append(f"  MLflow run {self.run_id}: {ui}")
+        return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
 def _brief(metrics: dict) -> str:
@@ -284,6 +352,23 @@ def _brief(metrics: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- markers
+
+RUN_FILE = "mlflow_run.json"   # in a pipeline's output dir: the MLflow run of its latest run
+
+
+def _claim_out_dir(out: Path):
+    """An exclusive lock on ``out`` for this process's lifetime (released by the OS if it is
+    killed); a second pipeline on the same output dir stops with a clear error instead."""
+    from kdray.config import ConfigError
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"{out}: another pipeline is running with this output dir; wait for "
+                          f"it or give another --out") from None
+    return f
+
 
 def _read_marker(stage_dir: Path) -> StageResult | None:
     path = stage_dir / "stage.json"
@@ -343,28 +428,3 @@ def pose_sheet(checkpoint, cfg: ExperimentConfig, out_png: Path, n: int = 12,
     out_png.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out_png), make_sheet(tiles, ncols=6))
     return out_png
-
-
-# ----------------------------------------------------------------------------- command line
-
-def parse_args(pipeline: str, argv: list[str] | None = None, doc: str = "",
-               extra=None) -> tuple[argparse.Namespace, ExperimentConfig]:
-    """The pipeline contract (DESIGN.md section 1): --config, dotted overrides, --out, ..."""
-    p = argparse.ArgumentParser(prog=f"pipelines/{pipeline}.py", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (default: embedded defaults)")
-    p.add_argument("--storage", default=None,
-                   help="root of every output: runs/, the stage cache, mlflow.db, relative data "
-                        "paths (default: $KDRAY_STORAGE or the CWD; give it under `ray job`)")
-    p.add_argument("--out", default=None,
-                   help=f"output dir (default <storage>/runs/{pipeline}; relative: under storage)")
-    p.add_argument("--cache", default=None,
-                   help="stage cache shared by pipelines (default <storage>/runs/stages)")
-    p.add_argument("--teacher", default=None,
-                   help="use this teacher instead of training one: a checkpoint or "
-                        "models:/NAME@ALIAS")
-    if extra is not None:
-        extra(p)
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = p.parse_intermixed_args(argv)  # positionals (a sweep's space file) before options
-    return args, load_config(args.config, args.overrides)

@@ -2,14 +2,16 @@
 
 The per-worker function only builds the stage (kdray.stages.build_stage), prepares the model
 and the loader for this rank (``prepare_model``, ``prepare_data_loader``) and calls the plain
-:func:`kdray.train.fit` with a report callback: each epoch rank 0 logs the metrics to the
-stage's MLflow run and hands Ray the epoch's checkpoint (``ray.train.report`` is a barrier, so
-every rank calls it; only rank 0 writes and evaluates). Failures and restarts:
+:func:`kdray.train.fit` with a report callback: each epoch rank 0 hands Ray the epoch's
+checkpoint (``ray.train.report`` is a barrier, so every rank calls it; only rank 0 writes and
+evaluates) and puts its progress events on a Ray queue that the driver drains: the driver draws
+the progress line and logs the epoch's metrics to the stage's MLflow run, so workers never need
+to reach the tracking store. Failures and restarts:
 
 - a worker dies: ``FailureConfig(max_failures)`` starts a new worker group that resumes from
   the latest reported checkpoint (``ray.train.get_checkpoint()``);
 - the driver dies: rerunning with the same ``RunConfig(name, storage_path)`` (the stage key)
-  restores the run and resumes the same way (PITFALLS.md: Ray Train V2).
+  restores the run and resumes the same way (docs/operations.md, "Ray Train 2.60").
 
 Each worker start is appended to ``<stage_dir>/attempts.jsonl`` (the epoch it starts at), so
 a resume is visible. The worker's own files live in a scratch dir; the driver copies the final
@@ -17,16 +19,18 @@ checkpoint into the stage dir and writes metrics.json and loss_curve.png from it
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
+from kdray.config import ExperimentConfig, from_dict, to_dict
 from kdray.train import FitResult, fit, load_checkpoint, seed_everything, write_outputs
 
 # Fault injection for the fault-tolerance tests and drills, read on the driver: when the
@@ -44,16 +48,39 @@ def ensure_ray() -> None:
     """Connect to ``$RAY_ADDRESS`` (a ``ray job`` sets it) or start a local Ray, on first use.
 
     Without ``RAY_ADDRESS`` a fresh local instance is started (``address="local"``), never
-    somebody else's cluster that happens to run on this machine. A Ray that the caller
-    initialised (tests, notebooks) is used as it is.
+    somebody else's cluster that happens to run on this machine, and every port it opens (GCS,
+    raylet, object manager, dashboard and its agent) listens on 127.0.0.1 only
+    (:func:`loopback_only`). A Ray that the caller initialised (tests, notebooks) is used as it
+    is. The workers' own output (Ray Train's status lines, its report dumps) reaches this
+    console only with ``--verbose``: kdray's progress comes through :func:`fit_on_ray`.
     """
     global _started_ray
+    import logging
+
     import ray
+
+    from kdray.console import verbose
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address)  # a local dashboard binds 127.0.0.1 (Train's state API needs it)
+    if address == "local":
+        loopback_only()
+    ray.init(address=address, log_to_driver=verbose(),
+             logging_level=logging.INFO if verbose() else logging.ERROR)
     _started_ray = True
+
+
+def loopback_only() -> None:
+    """Make a Ray started by this process bind 127.0.0.1 instead of every interface.
+
+    Ray picks the node's address once per process (``ray._private.services``): with
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` it takes the loopback address, as on a laptop, and
+    passes it to the GCS, the raylet and the agents it starts (checked with ``ss -ltnp``). The
+    variable is read when ray is imported, so the constant is set too in case it already was.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def shutdown_ray() -> None:
@@ -82,22 +109,24 @@ def _use_gpu(cfg: ExperimentConfig) -> bool:
 
 def train_stage(stage: str, cfg: ExperimentConfig, stage_dir: str | Path, inputs: dict[str, str],
                 run_name: str, storage_path: str | Path, mlflow: tuple[str, str] | None = None,
-                evaluate: bool = True) -> FitResult:
+                evaluate: bool = True, progress=None) -> FitResult:
     """Fit one stage: in-process when ``cfg.ray.num_workers == 0``, else on Ray Train.
 
     ``stage_dir`` ends up holding checkpoints/last.pt, metrics.json, loss_curve.png,
-    config.yaml; ``mlflow = (tracking_uri, run_id)`` receives per-epoch metrics (step = epoch).
+    config.yaml; ``mlflow = (tracking_uri, run_id)`` receives per-epoch metrics (step = epoch);
+    ``progress`` (kdray.progress.ConsoleProgress) renders the rank-0 worker's progress here.
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg),
                                                                          sort_keys=False))
     if cfg.ray.num_workers == 0:
-        return _fit_in_process(stage, cfg, stage_dir, inputs, mlflow, evaluate)
-    return fit_on_ray(stage, cfg, stage_dir, inputs, run_name, storage_path, mlflow, evaluate)
+        return _fit_in_process(stage, cfg, stage_dir, inputs, mlflow, evaluate, progress)
+    return fit_on_ray(stage, cfg, stage_dir, inputs, run_name, storage_path, mlflow, evaluate,
+                      progress=progress)
 
 
-def _fit_in_process(stage, cfg, stage_dir, inputs, mlflow, evaluate) -> FitResult:
+def _fit_in_process(stage, cfg, stage_dir, inputs, mlflow, evaluate, progress=None) -> FitResult:
     """The plain loop; it resumes from ``stage_dir/checkpoints/last.pt`` by itself."""
     from kdray.stages import build_stage
     seed_everything(train_seed(stage, cfg))
@@ -106,13 +135,16 @@ def _fit_in_process(stage, cfg, stage_dir, inputs, mlflow, evaluate) -> FitResul
     _log_attempt(stage_dir, start, world_size=0)
     report = _reporter(mlflow, rank=0, world=1, fault=_fault_from_env(stage), ray_report=None)
     return fit(built.task, built.train_loader, built.train_cfg, stage_dir,
-               built.evaluate if evaluate else None, report=report)
+               built.evaluate if evaluate else None, report=report, on_progress=progress)
 
 
 def fit_on_ray(stage: str, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, str],
                run_name: str, storage_path: str | Path, mlflow=None,
-               evaluate: bool = True, callbacks: list | None = None) -> FitResult:
-    """``callbacks``: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial."""
+               evaluate: bool = True, callbacks: list | None = None,
+               progress=None) -> FitResult:
+    """``callbacks``: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial;
+    ``progress``: called here with the rank-0 worker's progress events (a Ray queue carries
+    them from whichever node the worker runs on)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -122,8 +154,9 @@ def fit_on_ray(stage: str, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[
     threads = max(1, int(cfg.ray.cpus_per_worker))
     loop_config = {"stage": stage, "run_name": run_name, "cfg": to_dict(cfg),
                    "inputs": dict(inputs),
-                   "stage_dir": str(stage_dir), "mlflow": list(mlflow) if mlflow else None,
-                   "evaluate": evaluate, "threads": threads, "fault": _fault_from_env(stage)}
+                   "stage_dir": str(stage_dir),
+                   "evaluate": evaluate, "threads": threads, "fault": _fault_from_env(stage),
+                   "progress": None}
     trainer = TorchTrainer(
         _worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu,
@@ -132,7 +165,9 @@ def fit_on_ray(stage: str, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[
             name=run_name, storage_path=_storage(storage_path),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks))
-    result = trainer.fit()
+    with _forwarded(progress, mlflow, cfg.ray.num_workers) as queue:
+        loop_config["progress"] = queue
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage}: Ray Train finished without a checkpoint")
     ckpt_dir = stage_dir / "checkpoints"
@@ -143,6 +178,51 @@ def fit_on_ray(stage: str, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[
     write_outputs(stage_dir, history)
     return FitResult(metrics=history[-1] if history else {}, history=history,
                      checkpoint=ckpt_dir / "last.pt")
+
+
+@contextlib.contextmanager
+def _forwarded(progress, mlflow, world: int):
+    """A Ray queue that the rank-0 worker puts its progress events on, drained by a thread on
+    the driver while the trainer runs: ``progress`` renders them and each epoch's metrics go to
+    the MLflow run ``mlflow = (uri, run_id)`` from here. Workers never write to MLflow, so the
+    tracking store need only be reachable from the driver (a server on 127.0.0.1, a sqlite
+    file). None when there is nothing to forward."""
+    if progress is None and not mlflow:
+        yield None
+        return
+    from kdray.orchestration.tracking import log_metrics, numeric
+
+    def handle(event: dict) -> None:
+        if progress is not None:
+            progress(event)
+        if mlflow and event.get("kind") == "epoch":
+            metrics = numeric(event["metrics"])
+            if "throughput" in metrics:  # every rank trains as many samples as rank 0
+                metrics["throughput_total"] = metrics["throughput"] * world
+            log_metrics(mlflow[0], mlflow[1], metrics, step=int(metrics.get("epoch", 0)))
+
+    from ray.util.queue import Empty, Queue
+    queue = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set() or not queue.empty():
+            try:
+                event = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:   # the queue's actor is gone (Ray shutting down): stop here;
+                return          # the driver logs the whole history after fit() anyway
+            handle(event)
+
+    thread = threading.Thread(target=drain, name="kdray-progress", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        queue.shutdown()
 
 
 def _storage(path: str | Path) -> str:
@@ -192,32 +272,31 @@ def _worker(config: dict) -> None:
             resume = Path(checkpoint.to_directory(str(scratch / "resume"))) / "last.pt"
         if rank == 0:
             _log_attempt(Path(config["stage_dir"]), _start_epoch(resume), world)
-        report = _reporter(config["mlflow"], rank, world, config["fault"], ray.train.report)
+        report = _reporter(None, rank, world, config["fault"], ray.train.report)
+        queue = config["progress"]
         fit(task, loader, t, scratch / "out" if rank == 0 else None,
             built.evaluate if (rank == 0 and config["evaluate"]) else None,
-            report=report, resume_from=resume, is_main=rank == 0, device=device)
+            report=report, resume_from=resume, is_main=rank == 0, device=device,
+            on_progress=queue.put_nowait if queue is not None and rank == 0 else None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _reporter(mlflow, rank: int, world: int, fault: dict | None, ray_report):
-    """The ``report(metrics, ckpt_dir)`` callback for fit: MLflow (rank 0), then Ray."""
+    """The ``report(metrics, ckpt_dir)`` callback for fit: MLflow (in-process stages only; a
+    Ray worker's metrics reach MLflow through the driver, :func:`_forwarded`), then Ray."""
     last_report = time.monotonic()
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         nonlocal last_report
         epoch = int(metrics.get("epoch", 0))
         _maybe_fault(fault, epoch, rank, last_report)
-        from kdray.orchestration.tracking import log_metrics, numeric, warn
+        from kdray.orchestration.tracking import log_metrics, numeric
         clean = numeric(metrics)
         if "throughput" in clean:  # every rank trains as many samples as rank 0
             clean["throughput_total"] = clean["throughput"] * world
         if rank == 0 and mlflow:
-            try:
-                log_metrics(mlflow[0], mlflow[1], clean, step=epoch)
-            except Exception as e:  # e.g. a sqlite store this node cannot reach: the driver
-                warn(f"epoch {epoch}: MLflow logging failed on the worker ({e}); "
-                     f"the driver logs the history at the end")
+            log_metrics(mlflow[0], mlflow[1], clean, step=epoch)
         if ray_report is not None:
             from ray.train import Checkpoint
             ray_report(clean, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir
@@ -277,36 +356,3 @@ def read_attempts(stage_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# ----------------------------------------------------------------------------- throughput
-
-def throughput_probe(stage: str, cfg: ExperimentConfig, inputs: dict[str, str],
-                     workdir: str | Path, persons: int = 256, workers: int = 2) -> dict:
-    """Training images/s of the plain loop (all cores in one process) vs Ray Train
-    (``workers`` workers of one CPU each) on the same data, no evaluation; the second of two
-    epochs is timed so one-off warm-up (oneDNN kernels, loader start) is left out."""
-    workdir = Path(workdir)
-    probe = with_overrides(cfg, {"data.max_train": persons, "ray.num_workers": workers,
-                                 "ray.cpus_per_worker": 1.0, "ray.max_failures": 0})
-    probe = _with_epochs(stage, probe, 2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    try:
-        plain = _fit_in_process(stage, with_overrides(probe, {"ray.num_workers": 0}),
-                                workdir / "plain", inputs, None, evaluate=False)
-    finally:
-        torch.set_num_threads(threads)
-    ray_res = fit_on_ray(stage, probe, workdir / "ray", inputs, f"probe-{time.time_ns()}",
-                         workdir / "ray_storage", None, evaluate=False)
-    p = plain.history[-1]["throughput"]
-    r = ray_res.history[-1]["throughput"] * workers
-    shutil.rmtree(workdir, ignore_errors=True)
-    return {"throughput_plain": p, "throughput_ray": r, "ray_vs_plain_throughput": r / p,
-            "probe_stage": stage, "probe_workers": workers}
-
-
-def _with_epochs(stage: str, cfg: ExperimentConfig, epochs: int) -> ExperimentConfig:
-    key = {"teacher": "teacher.train.epochs", "student": "student.train.epochs",
-           "gcn": "tsd.stage2.train.epochs", "cdkd": "cdkd.student.train.epochs"}[stage]
-    return with_overrides(cfg, {key: epochs})

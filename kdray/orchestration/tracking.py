@@ -1,11 +1,15 @@
-"""MLflow tracking and model registry (DESIGN.md section 5).
+"""MLflow tracking and model registry (docs/architecture.md, "Orchestration"; the MLflow facts
+it relies on: docs/operations.md, "MLflow 3.17").
 
 - Store: ``tracking.uri`` from the config, else ``$MLFLOW_TRACKING_URI``, else a sqlite file
   ``<storage>/mlflow.db``; artifacts of a sqlite store sit beside it in ``mlruns/``. The driver
   creates the database and the experiment (:func:`init_store`) before any worker writes: 16
-  processes creating a fresh sqlite schema at once fail (PITFALLS.md).
-- Runs: one parent run per pipeline, one child run per stage (``mlflow.parentRunId``); params
-  are the flattened resolved config; per-epoch metrics with ``step = epoch``.
+  processes creating a fresh sqlite schema at once fail (docs/operations.md, MLflow).
+- Runs: one parent run per pipeline, one child run per stage (``mlflow.parentRunId``), each
+  tagged with its source, git commit and user; params are the flattened resolved config;
+  per-epoch metrics grouped ``train/...`` and ``val/...`` with ``step = epoch`` (the epoch is
+  the step, not a metric). A run whose process was killed is closed by the next run of the same
+  pipeline and output dir (KILLED, tag ``kdray.orphaned``).
 - Models: a pyfunc "model from code" (kdray/orchestration/pyfunc_model.py) whose artifact is a
   kdray checkpoint (``state_dict`` + ``meta``) read with ``torch.load(weights_only=True)``;
   never a pickle. Registered under :data:`MODEL_NAMES` with aliases ``candidate`` (every new
@@ -13,12 +17,18 @@
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import functools
+import getpass
+import io
 import math
 import os
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Iterable
 
 import mlflow
@@ -27,7 +37,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from kdray.config import ConfigError
+from kdray.config import ConfigError, file_hash  # noqa: F401 (file_hash: re-exported)
 
 class RegistryError(ConfigError, LookupError):
     """A model reference (``models:/NAME@ALIAS``) that does not resolve: a wrong input value,
@@ -37,6 +47,11 @@ class RegistryError(ConfigError, LookupError):
 
 MODEL_NAMES = {"teacher": "kdray-teacher", "student": "kdray-tsd-student",
                "gcn": "kdray-tsd-refined", "cdkd": "kdray-cdkd-student"}
+MODEL_DESCRIPTIONS = {
+    "teacher": "kdray teacher: a SimCC pose model trained on ground truth.",
+    "student": "kdray TSD stage-1 student: distilled from the teacher (features, pose, structure).",
+    "gcn": "kdray TSD stage-2 model: the frozen stage-1 student refined by IGP-GCN.",
+    "cdkd": "kdray CDKD student: a low-resolution model distilled from a high-resolution teacher."}
 CANDIDATE, CHAMPION = "candidate", "champion"
 WEIGHTS_FILE = "model.pt"
 
@@ -67,6 +82,7 @@ def _artifact_root(uri: str) -> str | None:
 
 def init_store(uri: str, experiment: str) -> str:
     """Create the database and the experiment (driver, before any worker); its id."""
+    quiet_loggers()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
@@ -74,9 +90,28 @@ def init_store(uri: str, experiment: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(experiment, artifact_location=_artifact_root(uri))
+        return client.create_experiment(experiment, artifact_location=_artifact_root(uri),
+                                        tags={"mlflow.note.content": EXPERIMENT_NOTE})
     except MlflowException:                     # another process created it first
         return client.get_experiment_by_name(experiment).experiment_id
+
+
+EXPERIMENT_NOTE = (
+    "kdray: knowledge distillation of top-down SimCC pose estimators (TSD two-stage "
+    "distillation, CDKD cross-resolution distillation). One parent run per pipeline or sweep, "
+    "one child run per stage or trial; metrics train/... and val/... per epoch (step = epoch); "
+    "registered models kdray-* with aliases candidate and champion.")
+
+
+def quiet_loggers() -> None:
+    """MLflow's INFO lines (schema creation, model validation) and its artifact progress bars
+    are not kdray's to show, unless ``--verbose``."""
+    import logging
+
+    from kdray.console import verbose
+    if not verbose():
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _retry(fn, *args, tries: int = 8, **kwargs):
@@ -95,11 +130,34 @@ def _retry(fn, *args, tries: int = 8, **kwargs):
 def start_run(uri: str, experiment_id: str, name: str, parent_id: str | None = None,
               tags: dict | None = None) -> str:
     """A new run (a child run when ``parent_id`` is given); its id. Ended by :func:`end_run`."""
-    all_tags = {"mlflow.runName": name, **(tags or {})}
+    all_tags = {"mlflow.runName": name, **source_tags(), **(tags or {})}
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id
     run = _retry(MlflowClient(uri).create_run, experiment_id, tags=all_tags, run_name=name)
     return run.info.run_id
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """What MLflow's fluent API sets when it can see it: the script, the git commit, the user."""
+    tags = {"mlflow.source.name": str(Path(sys.argv[0]).resolve()) if sys.argv[0] else "kdray",
+            "mlflow.source.type": "LOCAL", "mlflow.user": _user()}
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):   # no passwd entry (some containers)
+        return str(os.getuid())
 
 
 def reopen_run(uri: str, run_id: str) -> None:
@@ -109,6 +167,25 @@ def reopen_run(uri: str, run_id: str) -> None:
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _retry(MlflowClient(uri).set_terminated, run_id, status)
+
+
+def close_orphans(uri: str, run_id: str) -> list[str]:
+    """Close ``run_id`` and its child runs that are still RUNNING although the process that
+    owned them is gone (a killed pipeline): status KILLED, tag ``kdray.orphaned``. Their ids."""
+    client = MlflowClient(uri)
+    try:
+        parent = client.get_run(run_id)
+    except MlflowException:
+        return []
+    runs = [parent, *client.search_runs([parent.info.experiment_id],
+                                        f"tags.mlflow.parentRunId = '{run_id}'")]
+    closed = []
+    for run in runs:
+        if run.info.status == "RUNNING":
+            set_tags(uri, run.info.run_id, {"kdray.orphaned": "true"})
+            end_run(uri, run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def numeric(metrics: dict) -> dict[str, float]:
@@ -121,9 +198,25 @@ def numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
+TRAIN_KEYS = ("lr", "throughput", "throughput_total", "epoch_seconds")
+
+
+def metric_name(key: str) -> str | None:
+    """MLflow's name of a kdray metric: ``val_AP`` -> ``val/AP``, ``loss_kl`` -> ``train/loss_kl``;
+    ``epoch`` is the step, not a metric (None); summary metrics keep their names."""
+    if key == "epoch":
+        return None
+    if key.startswith("val_"):
+        return "val/" + key[len("val_"):]
+    if key.startswith("loss") or key in TRAIN_KEYS:
+        return "train/" + key
+    return key
+
+
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int = 0) -> None:
     ts = int(time.time() * 1000)
-    items = [Metric(k, v, ts, step) for k, v in numeric(metrics).items() if not math.isinf(v)]
+    items = [Metric(name, v, ts, step) for k, v in numeric(metrics).items()
+             if not math.isinf(v) and (name := metric_name(k)) is not None]
     client = MlflowClient(uri)
     for i in range(0, len(items), 500):
         _retry(client.log_batch, run_id, metrics=items[i:i + 500])
@@ -132,7 +225,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int = 0) -> None:
 def log_history(uri: str, run_id: str, history: list[dict]) -> None:
     """Per-epoch metrics (step = epoch) for every epoch not already logged (workers log live)."""
     client = MlflowClient(uri)
-    done = {m.step for m in _retry(client.get_metric_history, run_id, "loss")}
+    done = {m.step for m in _retry(client.get_metric_history, run_id, "train/loss")}
     for h in history:
         if int(h.get("epoch", 0)) not in done:
             log_metrics(uri, run_id, h, step=int(h.get("epoch", 0)))
@@ -188,12 +281,21 @@ def log_pose_model(uri: str, run_id: str, checkpoint: str | Path, workdir: str |
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k, 3))]))
     example = np.full((1, h, w, 3), 127, np.uint8)
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        return mlflow.pyfunc.log_model(
-            name="model", python_model=pyfunc_model.__file__,
-            artifacts={pyfunc_model.WEIGHTS: str(weights)}, signature=signature,
-            input_example=example, pip_requirements=_requirements(),
-            metadata={"kdray_stage": meta.get("stage", ""), "input_size": [h, w]})
+    client = MlflowClient(uri)
+    before = client.get_run(run_id).info
+    try:
+        with mlflow.start_run(run_id=run_id), _quiet_mlflow():
+            return mlflow.pyfunc.log_model(
+                name="model", python_model=pyfunc_model.__file__,
+                artifacts={pyfunc_model.WEIGHTS: str(weights)}, signature=signature,
+                input_example=example, pip_requirements=requirements(),
+                code_paths=[str(Path(pyfunc_model.__file__).resolve().parents[1])],  # kdray/
+                metadata={"kdray_stage": meta.get("stage", ""), "input_size": [h, w]})
+    finally:
+        # Logging into a finished run reopens it; put back its status and end time, so the run
+        # still shows how long the stage trained, not when its model was registered.
+        if before.status != "RUNNING":
+            _retry(client.set_terminated, run_id, before.status, before.end_time)
 
 
 def _meta_of(weights: Path) -> dict:
@@ -201,11 +303,31 @@ def _meta_of(weights: Path) -> dict:
     return torch.load(weights, map_location="cpu", weights_only=True)["meta"]
 
 
-def _requirements() -> list[str]:
-    """Pinned without the 5-7 s pip inference (PITFALLS.md); kdray itself must be installed."""
+# What the registered model needs beside kdray itself, whose source travels with the model
+# (``code_paths``: MLflow puts it on sys.path when the model loads), so the model loads in an
+# environment without kdray installed.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "opencv-python-headless", "PyYAML",
+                      "safetensors")
+
+
+def requirements() -> list[str]:
+    """Pinned to this environment's versions, without MLflow's 5-7 s pip inference."""
     from importlib.metadata import version
-    return [f"{p}=={version(p)}" for p in ("torch", "timm", "numpy", "opencv-python-headless")
-            if _installed(p)]
+    return [f"{p}=={version(p)}" for p in MODEL_REQUIREMENTS if _installed(p)]
+
+
+@contextmanager
+def _quiet_mlflow():
+    """MLflow's INFO lines, artifact progress bars and the type-hint advice for ``predict``
+    (our signature is explicit) are chatter unless ``--verbose``."""
+    from kdray.console import quiet_stdout, verbose
+    if verbose():
+        yield
+        return
+    with warnings.catch_warnings(), quiet_stdout(), \
+            contextlib.redirect_stderr(io.StringIO()):  # "Successfully registered model ..."
+        warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
+        yield
 
 
 def _installed(pkg: str) -> bool:
@@ -217,14 +339,6 @@ def _installed(pkg: str) -> bool:
         return False
 
 
-def file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def find_version(uri: str, name: str, stage_key: str) -> str | None:
     """The newest version of ``name`` registered from the stage output ``stage_key``."""
     client = MlflowClient(uri, registry_uri=uri)
@@ -233,7 +347,8 @@ def find_version(uri: str, name: str, stage_key: str) -> str | None:
 
 
 def register(uri: str, stage: str, model_uri: str | None, *, run_id: str, stage_key: str,
-             val_set: str, metric: str, value: float, promote: bool = True) -> dict:
+             val_set: str, metric: str, value: float, promote: bool = True,
+             description: str = "") -> dict:
     """Register a logged model; alias ``candidate``; ``champion`` if it beats the champion
     (never with ``promote=False``: a sweep's best trial stays a candidate).
 
@@ -247,10 +362,16 @@ def register(uri: str, stage: str, model_uri: str | None, *, run_id: str, stage_
         if not model_uri:
             raise ValueError(f"{name}: no logged model to register for stage {stage_key}")
         mlflow.set_registry_uri(uri)
-        mv = mlflow.register_model(model_uri, name, tags={
-            "stage_key": stage_key, "val_set": val_set, "metric": metric,
-            "metric_value": repr(float(value)), "run_id": run_id})
+        with _quiet_mlflow():
+            mv = mlflow.register_model(model_uri, name, tags={
+                "stage_key": stage_key, "val_set": val_set, "metric": metric,
+                "metric_value": repr(float(value)), "run_id": run_id})
         version = mv.version
+        text = description or f"kdray {stage} stage {stage_key}"
+        _retry(client.update_model_version, name, version,
+               f"{text}; {metric} {value:.2f} on val set {val_set}; stage key {stage_key}")
+        if not _retry(client.get_registered_model, name).description:
+            _retry(client.update_registered_model, name, MODEL_DESCRIPTIONS.get(stage, ""))
     version = str(version)
     _retry(client.set_registered_model_alias, name, CANDIDATE, version)
     champion = _alias_version(client, name, CHAMPION)
@@ -307,6 +428,7 @@ def download_weights(ref: str, dest: str | Path, uri: str = "") -> Path:
     Reads the artifact path from the ``MLmodel`` file (YAML), so no model code runs.
     """
     uri = resolve_uri(uri)
+    quiet_loggers()
     client = MlflowClient(uri, registry_uri=uri)
     mv = _version(client, ref)
     mlflow.set_tracking_uri(uri)

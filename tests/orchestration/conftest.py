@@ -83,7 +83,10 @@ def smoke_data(tmp_path_factory) -> Path:
 def ray_local():
     """A real local Ray with 2 CPUs for this module, always shut down."""
     import ray
+
+    from kdray.orchestration.ray_train import loopback_only
     os.environ.setdefault("KDRAY_PROGRESS", "0")
+    loopback_only()   # as kdray's own local Ray: every port on 127.0.0.1
     ray.init(address="local", num_cpus=2)
     try:
         yield ray

@@ -26,5 +26,5 @@ def test_ray_job_submit_runs_the_pipeline_and_keeps_outputs_in_storage(tmp_path,
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "succeeded" in proc.stdout + proc.stderr
     summary = json.loads((storage / "runs" / "two_stage" / "summary.json").read_text())
-    assert summary["outputs"]["mlflow_uri"] == f"sqlite:///{storage / 'mlflow.db'}"
+    assert summary["outputs"]["mlflow_uri"] == f"sqlite:///{storage / 'runs' / 'smoke' / 'mlflow.db'}"
     assert all(str(storage) in p for p in summary["outputs"]["stages"].values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -39,9 +40,9 @@ def _run_in_process(argv: list[str]) -> tuple[dict, str, str]:
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory, smoke_data, ray_local):
     storage = tmp_path_factory.mktemp("two_stage")
-    argv = ["--config", str(SMOKE), "--storage", str(storage), "--no-probe", *FAST,
+    argv = ["--config", str(SMOKE), "--storage", str(storage), *FAST,
             f"data.root={smoke_data}", "student.train.epochs=2"]
-    cfg = pipeline.resolve_config(load_config(SMOKE, argv[5:]), storage)
+    cfg = pipeline.resolve_config(load_config(SMOKE, argv[4:]), storage)
     teacher_key = pipeline.stage_key("teacher", cfg, {})
     stage1_key = pipeline.stage_key("student", cfg, {"teacher": teacher_key})
     cache = storage / "runs" / "stages"
@@ -115,10 +116,19 @@ def test_mlflow_holds_parent_child_runs_metrics_artifacts_and_models(scenario):
     stage1 = by_label["stage1"]
     assert stage1.info.status == "FINISHED"
     assert stage1.data.params["tsd.stage1.alpha"]
-    steps = {m.step for m in client.get_metric_history(stage1.info.run_id, "loss_fea")}
+    steps = {m.step for m in client.get_metric_history(stage1.info.run_id, "train/loss_fea")}
     assert steps == {1, 2}                                 # per epoch, step = epoch
-    for key in ("loss", "lr", "throughput", "val_AP"):
+    for key in ("train/loss", "train/lr", "train/throughput", "val/AP"):
         assert key in stage1.data.metrics, key
+    assert "epoch" not in stage1.data.metrics              # the step, not a metric
+    # Runs say where they came from (what MLflow's fluent API would have set).
+    import subprocess
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    for run in (parent, stage1):
+        assert run.data.tags["mlflow.source.git.commit"] == commit
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+    assert "kdray" in client.get_experiment(parent.info.experiment_id).tags["mlflow.note.content"]
     names = {a.path for a in client.list_artifacts(stage1.info.run_id)}
     assert {"config.yaml", "loss_curve.png", "poses.png", "metrics.json"} <= names
     # Registered, with aliases, and loadable as a pyfunc that takes crops.
@@ -126,6 +136,8 @@ def test_mlflow_holds_parent_child_runs_metrics_artifacts_and_models(scenario):
         mv = client.get_model_version_by_alias(name, "champion")
         assert client.get_model_version_by_alias(name, "candidate").version == mv.version
         assert mv.tags["stage_key"] and mv.tags["val_set"] and mv.tags["metric"] == "val_AP"
+        assert mv.tags["stage_key"] in mv.description and "synthpose" in mv.description
+        assert client.get_registered_model(name).description
     import mlflow
     import numpy as np
     mlflow.set_tracking_uri(uri)
@@ -176,3 +188,62 @@ def test_stage_keys_depend_only_on_what_the_stage_uses():
     assert key("student", cfg, {"teacher": "a"}) != key("student", other_tsd, {"teacher": "a"})
     assert key("teacher", cfg, {}) != key("teacher", with_overrides(
         cfg, {"teacher.train.lr": 1e-4}), {})
+
+
+def test_killed_runs_are_closed_and_registration_keeps_end_times(scenario):
+    """The killed driver's parent and stage-1 runs were closed by the rerun (KILLED, tagged);
+    registering models afterwards did not reopen the finished stage runs."""
+    from mlflow.tracking import MlflowClient
+    summary, uri = scenario["second"][0], scenario["uri"]
+    client = MlflowClient(uri)
+    exp = client.get_run(summary["mlflow_run_id"]).info.experiment_id
+    parents = client.search_runs([exp], "tags.`kdray.pipeline` = 'two_stage'",
+                                 order_by=["attributes.start_time ASC"])
+    killed = parents[0]
+    assert killed.info.run_id != summary["mlflow_run_id"]
+    assert killed.info.status == "KILLED" and killed.data.tags["kdray.orphaned"] == "true"
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{killed.info.run_id}'")
+    by_label = {r.data.tags["kdray.label"]: r for r in children}
+    assert by_label["teacher"].info.status == "FINISHED"      # it had finished before the kill
+    assert by_label["stage1"].info.status == "KILLED"
+    assert by_label["stage1"].data.tags["kdray.orphaned"] == "true"
+    assert not [r for r in client.search_runs([exp]) if r.info.status == "RUNNING"]
+    # Models are registered after every stage ran: a stage run's end time must still be its own.
+    second = {r.data.tags["kdray.label"]: r for r in client.search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")}
+    assert second["stage1"].info.end_time <= second["stage2"].info.start_time
+    assert second["stage2"].info.end_time <= second["baseline"].info.start_time
+
+
+def test_registered_model_carries_kdray_and_loads_without_it(scenario, tmp_path):
+    """The pyfunc model lists its requirements and carries kdray's code: a Python that cannot
+    import the installed kdray still loads and runs it."""
+    import subprocess
+    import sys
+
+    import mlflow
+    mlflow.set_tracking_uri(scenario["uri"])
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri="models:/kdray-tsd-student@champion", dst_path=str(tmp_path / "m")))
+    reqs = (local / "requirements.txt").read_text().split()
+    for pkg in ("torch", "timm", "numpy", "opencv-python-headless", "mlflow"):
+        assert any(r.startswith(f"{pkg}==") for r in reqs), (pkg, reqs)
+    assert (local / "code" / "kdray" / "nn" / "pose_model.py").is_file()
+    script = f"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != {str(REPO)!r}]
+try:
+    import kdray
+    raise SystemExit("kdray is still importable: " + kdray.__file__)
+except ImportError:
+    pass
+import mlflow, numpy as np
+mlflow.set_tracking_uri({scenario["uri"]!r})
+model = mlflow.pyfunc.load_model("models:/kdray-tsd-student@champion")
+print(model.predict(np.zeros((1, 64, 64, 3), np.uint8)).shape)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "(1, 17, 3)"
