@@ -49,23 +49,34 @@ def _eval(args) -> int:
 
 def _train(args) -> int:
     from kdray.config import load_config
+    from kdray.errors import InputError
     from kdray.eval.complexity import complexity
-    from kdray.stages import build_stage, run_stage, stage_config
+    from kdray.stages import run_stage, stage_config, stage_inputs
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run and args.stage == "gcn":
+        raise InputError("--dry-run counts a pose model's parameters and GFLOPs; the gcn stage "
+                         "trains an IGP-GCN on a given student: use --stage student")
     if args.dry_run:
         from kdray.data.keypoints import spec_for
         from kdray.nn.pose_model import build_pose_model
         scfg = stage_config(args.stage, cfg)
-        size = cfg.cdkd.low_res_size if args.stage == "cdkd" else cfg.data.input_size
+        cdkd = args.stage == "cdkd"
+        size = cfg.cdkd.low_res_size if cdkd else cfg.data.input_size
         model = build_pose_model(scfg.model, spec_for(cfg.data.dataset).num_joints, size,
-                                 cfg.data.split_ratio)
+                                 cfg.data.split_ratio,
+                                 size_field="cdkd.low_res_size" if cdkd else "data.input_size")
         print(json.dumps({"stage": args.stage, "backbone": scfg.model.backbone,
                           "input_size": list(size), **complexity(model, size)}))
         return 0
     from kdray.progress import ConsoleProgress
     from kdray.stages import claim_out_dir
     inputs = {k: v for k, v in (("teacher", args.teacher), ("student", args.student)) if v}
+    missing = [f"--{k}" for k in stage_inputs(args.stage, cfg) if k not in inputs]
+    if missing:  # before the output dir is claimed or any data is read
+        raise InputError(f"--stage {args.stage} needs {' and '.join(missing)} (a checkpoint file "
+                         f"or folder from an earlier `kdray train`, e.g. "
+                         f"runs/{missing[0][2:]}/checkpoints/last.pt)")
     out = Path(args.out).resolve()
     claim_out_dir(args.stage, cfg, out, inputs, overwrite=args.overwrite)  # resume or refuse
     progress = ConsoleProgress(args.stage)
@@ -83,22 +94,31 @@ def _predict(args) -> int:
 
     from kdray.data.coco import read_image
     from kdray.data.keypoints import spec_for
+    from kdray.errors import InputError
     from kdray.inference import Predictor, model_from_checkpoint
     from kdray.vis import draw_pose
 
+    if not cv2.haveImageWriter(str(args.out)):  # before any compute: .txt, no extension, a dir
+        raise InputError(f"--out {args.out}: OpenCV has no image writer for this file name; "
+                         f"use an image extension such as .png or .jpg")
+    canvas = read_image(args.image)  # BGR uint8; a clear error naming the file
+    boxes = _boxes_for(args, canvas)  # validated before the model loads
     if args.model.startswith("models:/"):
-        from kdray.orchestration.tracking import load_registered
-        module, meta = load_registered(args.model)
+        from kdray.orchestration.tracking import existing_store, load_registered
+        module, meta = load_registered(args.model, existing_store())
     else:
         module, meta = model_from_checkpoint(args.model)
-    canvas = read_image(args.image)  # BGR uint8; a clear error naming the file
-    boxes = _boxes_for(args, canvas)
     keypoints = Predictor(module, meta)(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), boxes)
     spec = spec_for(meta["dataset"])
     for kp in keypoints:
         canvas = draw_pose(canvas, kp, spec, score_thr=0.0)  # SimCC scores are small
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(args.out), canvas)
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {args.out}: cannot create its folder ({e.strerror})") from None
+    if not cv2.imwrite(str(args.out), canvas):  # False, not an exception, for /proc/x.png
+        raise InputError(f"--out {args.out}: OpenCV could not write the image (is the folder "
+                         f"writable?)")
     print(json.dumps({"out": str(args.out), "persons": len(keypoints),
                       "keypoints": np.round(keypoints, 2).tolist()}))
     return 0
@@ -107,23 +127,23 @@ def _predict(args) -> int:
 def _boxes_for(args, image):
     """Detector boxes of this image (COCO results file, by file-name id), else the whole image."""
     import numpy as np
+
+    from kdray.data.coco import image_boxes
     h, w = image.shape[:2]
     if not args.boxes:
         return np.array([[0, 0, w, h]], np.float32)
-    dets = json.loads(Path(args.boxes).read_text())
     stem = Path(args.image).stem
-    image_id = int(stem) if stem.isdigit() else None
-    boxes = [d["bbox"] for d in dets if (image_id is None or d.get("image_id") == image_id)
-             and d.get("score", 1.0) >= args.score_thr]
-    return np.array(boxes or [[0, 0, w, h]], np.float32)
+    boxes = image_boxes(args.boxes, int(stem) if stem.isdigit() else None, args.score_thr)
+    return boxes if len(boxes) else np.array([[0, 0, w, h]], np.float32)
 
 
 def _registry(args) -> int:
     from kdray.orchestration import tracking
+    uri = tracking.existing_store()  # reading must not create an empty mlflow.db
     if args.reg_cmd == "list":
-        print(json.dumps(tracking.list_models(), indent=1))
+        print(json.dumps(tracking.list_models(uri), indent=1))
     else:
-        print(json.dumps(tracking.show_model(args.ref), indent=1))
+        print(json.dumps(tracking.show_model(args.ref, uri), indent=1))
     return 0
 
 
@@ -224,14 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     handler = {"data": _data, "eval": _eval, "train": _train, "predict": _predict,
                "registry": _registry}[args.cmd]
-    from kdray.config import ConfigError
-    from kdray.data.coco import DataError
-    from kdray.train import CheckpointError
-    try:
-        return handler(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"kdray: error: {e}", file=sys.stderr)
-        return 2
+    from kdray.errors import run_main
+    return run_main(handler, args, "kdray")  # a user's mistake: one line on stderr, exit 2
 
 
 if __name__ == "__main__":

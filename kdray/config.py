@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -316,9 +317,13 @@ def _coerce(value, tp, where: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if value != value:
-            raise ConfigError(f"{where}: expected a number, got NaN")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:   # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):  # .inf would pass every lo= bound and train as nonsense
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -378,12 +383,38 @@ def _check_range(value, meta, where: str) -> None:
         raise ConfigError(f"{where}: expected a value <= {hi}, got {value!r}")
 
 
+def _check_models(cfg: ExperimentConfig, source: str) -> None:
+    """Each network's backbone is known and takes its input size (HRNet's fusion upsamples the
+    1/32 branch by exact factors: 64x48 would fail deep inside the first forward pass)."""
+    from kdray.nn.backbones import BACKBONES  # a plain dict; timm loads only to build one
+
+    for key, stage, size_key, size in (
+            ("teacher", cfg.teacher, "data.input_size", cfg.data.input_size),
+            ("student", cfg.student, "data.input_size", cfg.data.input_size),
+            ("cdkd.student", cfg.cdkd.student, "cdkd.low_res_size", cfg.cdkd.low_res_size)):
+        name = stage.model.backbone
+        if name not in BACKBONES:
+            raise ConfigError(f"{source}: {key}.model.backbone: unknown backbone {name!r}; "
+                              f"known: {', '.join(sorted(BACKBONES))}")
+        d = BACKBONES[name].size_divisor
+        h, w = size
+        if h <= 0 or w <= 0 or h % d or w % d:
+            ok = (max(d, h // d * d), max(d, w // d * d))
+            raise ConfigError(f"{source}: {size_key}: {(h, w)} does not fit {key}.model.backbone "
+                              f"{name}, which needs H and W divisible by {d} (its coarsest "
+                              f"feature is 1/{d} of the input); e.g. {ok}")
+
+
 def _extra_checks(cfg: ExperimentConfig, source: str) -> None:
     """Cross-field rules that a single field's range cannot express."""
     for key in ("input_size",):
         h, w = getattr(cfg.data, key)
         if h <= 0 or w <= 0:
             raise ConfigError(f"{source}: data.{key}: expected positive (H, W), got {(h, w)}")
+    _check_models(cfg, source)
+    if cfg.tracking.uri and "://" not in cfg.tracking.uri:  # MLflow's bare-folder store: refused
+        raise ConfigError(f"{source}: tracking.uri: expected sqlite:///PATH.db or "
+                          f"http://HOST:PORT, got {cfg.tracking.uri!r}")
     lo, hi = cfg.data.scale_range
     if not 0 < lo <= hi:
         raise ConfigError(f"{source}: data.scale_range: expected 0 < lo <= hi, got {(lo, hi)}")
@@ -411,7 +442,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""  # noqa: S506
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML "
+                          f"({str(e).splitlines()[0]})") from None
+    return key.strip(), value
 
 
 def set_dotted(tree: dict, key: str, value) -> None:
@@ -437,18 +473,90 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        data = read_yaml(path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):  # before overrides try to set keys in a list
+            raise ConfigError(f"{source}: expected a mapping of sections (data:, teacher:, ...) "
+                              f"at the top level, got a {type(data).__name__}")
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(data, key, value)
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"
-    return from_dict(data, source)
+    cfg = from_dict(data, source)
+    _check_files(cfg, source)
+    return cfg
+
+
+def _check_files(cfg: ExperimentConfig, source: str) -> None:
+    """Files the config names must exist before any compute (only at the entry points: a config
+    rebuilt elsewhere, e.g. on a worker, fails where it reads the file)."""
+    for key, stage in (("teacher", cfg.teacher), ("student", cfg.student),
+                       ("cdkd.student", cfg.cdkd.student)):
+        weights = stage.model.weights
+        if weights and not Path(weights).is_file():
+            what = "is a directory" if Path(weights).is_dir() else "no such file"
+            raise ConfigError(f"{source}: {key}.model.weights: {what} {weights!r} (a local "
+                              f".safetensors or torch.save state dict; empty = random init)")
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping gives the same key twice (PyYAML would silently keep the last one)."""
+
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(f"{key}: key given twice (lines {first} and {line}); YAML would keep "
+                         f"only the last value")
+        self.key, self.line, self.first = key, line, first
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate mapping keys, naming the dotted key and lines."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _refuse_duplicates(node, "")
+        return node
+
+
+def _refuse_duplicates(node, prefix: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            ident = (key_node.tag, key_node.value)
+            dotted = f"{prefix}{key_node.value}"
+            if ident in seen:
+                raise DuplicateKeyError(dotted, key_node.start_mark.line + 1, seen[ident])
+            seen[ident] = key_node.start_mark.line + 1
+            _refuse_duplicates(value_node, dotted + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, f"{prefix.rstrip('.')}[{i}].")
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file (configs, search spaces) with :class:`UniqueKeyLoader`; a missing file,
+    a directory, binary bytes, bad YAML or a duplicate key is a ConfigError naming the file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory, expected a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not a text (UTF-8) file: byte {e.start} cannot be "
+                          f"decoded; expected YAML") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot be read ({e.strerror or e})") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
 
 
 def to_dict(cfg) -> dict:

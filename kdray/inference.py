@@ -6,6 +6,7 @@ with ``torch.load(weights_only=True)``. The MLflow pyfunc wrapper uses the same 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from kdray.codecs.simcc import SimCCCodec
-from kdray.config import ModelConfig, to_dict
+from kdray.config import ModelConfig, from_dict, to_dict
 from kdray.data.dataset import normalize
 from kdray.data.keypoints import KeypointSpec, spec_for
 from kdray.data.transforms import back_to_image, box_to_center_scale, get_affine
@@ -33,15 +34,41 @@ def pose_model_meta(stage: str, cfg, model_cfg: ModelConfig, spec: KeypointSpec,
             "padding": cfg.data.padding, "gcn_hidden": cfg.tsd.stage2.hidden}
 
 
+META_FIELDS = ("kind", "model", "dataset", "num_joints", "input_size", "split_ratio", "sigma")
+
+
+def check_meta(state: dict, source: str) -> dict:
+    """The checkpoint's ``meta`` with every field rebuilding needs (``gcn_hidden`` too for a
+    refined model), else a CheckpointError naming the file and the first missing field."""
+    meta = state.get("meta")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: checkpoint field 'meta' is missing, so the network "
+                              f"cannot be rebuilt (not a kdray pose-model checkpoint?)")
+    needed = META_FIELDS + (("gcn_hidden",) if meta.get("kind") == "refined" else ())
+    missing = [k for k in needed if k not in meta]
+    if missing:
+        raise CheckpointError(f"{source}: checkpoint field 'meta' is incomplete: missing "
+                              f"{', '.join(repr(k) for k in missing)}")
+    if meta["kind"] not in ("simcc", "refined"):
+        raise CheckpointError(f"{source}: checkpoint field 'meta.kind': expected 'simcc' or "
+                              f"'refined', got {meta['kind']!r}")
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{source}: checkpoint field 'model': expected a state dict")
+    return meta
+
+
 def model_from_state(state: dict, source: str = "<state>") -> tuple[nn.Module, dict]:
-    meta = state.get("meta") or {}
+    meta = check_meta(state, source)
     try:
         spec = spec_for(meta["dataset"])
         size = tuple(meta["input_size"])
-        student = build_pose_model(ModelConfig(**meta["model"]), meta["num_joints"], size,
-                                   meta["split_ratio"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{source}: checkpoint field 'meta' is incomplete ({e})") from None
+        model_cfg = from_dict(meta["model"], f"{source}: meta.model", cls=ModelConfig)
+        # the checkpoint's weights replace the backbone's init: its pretrained file is not needed
+        model_cfg = dataclasses.replace(model_cfg, weights="")
+        student = build_pose_model(model_cfg, meta["num_joints"], size, meta["split_ratio"])
+    except (KeyError, TypeError, ValueError) as e:  # ConfigError (a ValueError) included
+        raise CheckpointError(f"{source}: checkpoint field 'meta' does not describe a model "
+                              f"kdray can build ({e})") from None
     weights = {k[len("model."):]: v for k, v in state["model"].items() if k.startswith("model.")}
     module: nn.Module = student
     if meta["kind"] == "refined":

@@ -17,12 +17,7 @@ import json
 import shutil
 import sys
 
-import pandas as pd
-
-from kdray.orchestration import tracking
-from kdray.orchestration.ablation import (bar_chart, load_table, markdown, plan, run_table,
-                                          summarise)
-from kdray.orchestration.pipeline import Pipeline, log, parse_args, primary_metric, stage_key
+from kdray.orchestration.args import help_first
 
 TABLES = ("tsd-iv", "cdkd-iii", "cdkd-vi", "cdkd-vii", "cdkd-viii")
 
@@ -31,6 +26,17 @@ def _options(p) -> None:
     p.add_argument("--table", required=True, choices=TABLES,
                    help="the paper table to run, rows from configs/ablations.yaml")
     p.add_argument("--seeds", type=int, default=2, help="seeds per row (default: %(default)s)")
+
+
+if __name__ == "__main__":   # --help answers before torch, Ray and MLflow load
+    help_first("ablation", __doc__, _options)
+
+import pandas as pd
+
+from kdray.orchestration import tracking
+from kdray.orchestration.ablation import (bar_chart, load_table, markdown, plan, run_table,
+                                          summarise)
+from kdray.orchestration.pipeline import Pipeline, log, parse_args, primary_metric, stage_key
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,5 +77,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    sys.exit(0)
+    from kdray.errors import run_main  # a user's mistake: one line on stderr, exit code 2
+    sys.exit(run_main(main, sys.argv[1:], "pipelines/ablation.py"))

@@ -38,5 +38,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    sys.exit(0)
+    from kdray.errors import run_main  # a user's mistake: one line on stderr, exit code 2
+    sys.exit(run_main(main, sys.argv[1:], "pipelines/cdkd.py"))

@@ -20,12 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kdray.config import dump_yaml, with_overrides
-from kdray.orchestration import tracking
-from kdray.orchestration.pipeline import Pipeline, parse_args, primary_metric, stage_key
-from kdray.orchestration.search_space import load_space
-from kdray.stages import stage_inputs
-from kdray.orchestration.tune import frozen_outputs, sweep, uses_frozen_cache
+from kdray.orchestration.args import help_first
 
 
 def _options(p) -> None:
@@ -35,6 +30,17 @@ def _options(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep in --out instead of starting over")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed (default: %(default)s)")
+
+
+if __name__ == "__main__":   # --help answers before torch, Ray and MLflow load
+    help_first("sweep", __doc__, _options)
+
+from kdray.config import dump_yaml, with_overrides
+from kdray.orchestration import tracking
+from kdray.orchestration.pipeline import Pipeline, parse_args, primary_metric, stage_key
+from kdray.orchestration.search_space import load_space
+from kdray.stages import stage_inputs
+from kdray.orchestration.tune import frozen_outputs, sweep, uses_frozen_cache
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,5 +149,5 @@ def _register_candidate(p: Pipeline, stage: str, cfg, inputs: dict, trial: dict,
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    sys.exit(0)
+    from kdray.errors import run_main  # a user's mistake: one line on stderr, exit code 2
+    sys.exit(run_main(main, sys.argv[1:], "pipelines/sweep.py"))

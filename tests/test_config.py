@@ -1,4 +1,6 @@
 """Config loading: typed, validated before any compute, errors name file + dotted key."""
+import re
+
 import pytest
 
 from kdray.config import (ConfigError, ExperimentConfig, config_hash, flatten, load_config,
@@ -76,3 +78,23 @@ def test_round_trip_flatten_hash(tmp_path):
         with_overrides(cfg, {"cdkd.nope": 1})
     with pytest.raises(ConfigError, match="cdkd.projectors"):
         with_overrides(cfg, {"cdkd.projectors": 99})
+
+
+def test_duplicate_keys_are_refused_but_anchors_and_merges_work(tmp_path):
+    merged = load_config(write(tmp_path, "teacher:\n  train: &t {epochs: 3, lr: 0.01}\n"
+                                         "student:\n  train:\n    <<: *t\n    lr: 0.02\n"))
+    assert (merged.student.train.epochs, merged.student.train.lr) == (3, 0.02)
+    path = write(tmp_path, "teacher:\n  train:\n    lr: 0.1\n    epochs: 2\n    lr: 0.2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: teacher.train.lr: key given twice (lines 3 and 5); YAML "
+                            f"would keep only the last value")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("teacher.train.weight_decay=.inf", "teacher.train.weight_decay"),
+    ("cdkd.alpha=-.inf", "cdkd.alpha"), ("data.scale_range=[0.5, .nan]", "data.scale_range[1]"),
+    ("tsd.stage1.beta=1e999", "tsd.stage1.beta")])
+def test_non_finite_numbers_are_refused(override, key):
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: expected a finite number")):
+        load_config(None, [override])

@@ -1,6 +1,6 @@
 """Readers: COCO / CrowdPose keypoint JSON (GT or detector boxes) and MPII JSON -> person records.
 
-Top-down pose estimation (METHODS.md section 0) works on one person box at a time, so every
+Top-down pose estimation (docs/methods.md section 1) works on one person box at a time, so every
 reader returns a flat list of :class:`PersonRecord` plus the :class:`KeypointSpec` whose
 keypoint count matches the file (any COCO-format keypoint dataset with 17, 14 or 16 joints is
 accepted). Every malformed input raises :class:`DataError` naming the file, the record and the
@@ -53,6 +53,10 @@ def load_json(path: str | Path) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise fail(path, "file", "(path)", "file not found") from None
+    except IsADirectoryError:
+        raise fail(path, "file", "(path)", "is a directory, expected a JSON file") from None
+    except OSError as exc:  # permissions, a FIFO, a device
+        raise fail(path, "file", "(path)", f"cannot be read ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise fail(path, "file", "(whole file)", f"invalid JSON: {exc}") from None
 
@@ -219,6 +223,29 @@ def _detector_records(boxes_file, images: dict[int, str], spec: KeypointSpec,
         records.append(PersonRecord(images[img_id], int(img_id), box, kp, score,
                                     float(box[2] * box[3]), -1 - i))
     return records
+
+
+def image_boxes(boxes_file, image_id: int | None, score_thr: float = 0.0) -> np.ndarray:
+    """(N, 4) float32 xywh person boxes of one image from a COCO results file (every image's
+    when ``image_id`` is None): ``kdray predict --boxes``. Every detection is validated first,
+    so a 3-number bbox is an error naming its index, not silently reshaped into other boxes."""
+    dets = load_json(boxes_file)
+    if not isinstance(dets, list):
+        raise fail(boxes_file, "top level", "(whole file)", "expected a list of detections")
+    boxes = []
+    for i, det in enumerate(dets):
+        where = f"detection #{i}"
+        box = _box(_get(det, "bbox", boxes_file, where), boxes_file, where)
+        score = _number(det.get("score", 1.0), boxes_file, where, "score")
+        img = det.get("image_id")
+        if img is not None and (isinstance(img, bool) or not isinstance(img, int)):
+            raise fail(boxes_file, where, "image_id", f"expected an integer, got {img!r}")
+        cat = det.get("category_id", 1)
+        if isinstance(cat, bool) or not isinstance(cat, int):
+            raise fail(boxes_file, where, "category_id", f"expected an integer, got {cat!r}")
+        if (image_id is None or img == image_id) and cat == 1 and score >= score_thr:
+            boxes.append(box)   # person boxes only, as the dataset reader keeps them
+    return np.stack(boxes) if boxes else np.zeros((0, 4), np.float32)
 
 
 def load_mpii(ann_file, image_dir, check_images: bool = True

@@ -355,7 +355,7 @@ def check_generated(out_dir: str | Path, train: int, val: int, seed: int,
     from kdray.data.coco import fail
     for split, persons in (("train", train), ("val", val)):
         path = Path(out_dir) / f"{split}.json"
-        data = json.loads(path.read_text())
+        data = _read_split(path)
         info = {**asdict(Difficulty()), **data.get("info", {}),   # unrecorded: the defaults
                 "persons": len(data["annotations"])}
         for key, value in {"seed": seed, "persons": persons, **asdict(hard)}.items():
@@ -363,6 +363,21 @@ def check_generated(out_dir: str | Path, train: int, val: int, seed: int,
                 raise fail(path, "info", key, f"generated with {info.get(key)!r}, the config "
                            f"asks for {value!r} (data.synth); use another data.root or delete "
                            f"{out_dir}")
+
+
+def _read_split(path: Path) -> dict:
+    """A generated split file; truncated (a killed generation) or edited by hand, it is a
+    DataError naming it, with the fix."""
+    from kdray.data.coco import DataError, fail, load_json
+    try:
+        data = load_json(path)   # truncated JSON: "invalid JSON", naming the file
+    except DataError as e:
+        raise DataError(f"{e}; delete {path.parent} to generate SynthPose again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) \
+            or not isinstance(data.get("info", {}), dict):
+        raise fail(path, "top level", "annotations", "not a SynthPose annotation file; delete "
+                   f"{path.parent} to generate it again")
+    return data
 
 
 def _spread(x) -> dict:
@@ -380,7 +395,7 @@ def dataset_stats(out_dir: str | Path) -> dict:
         path = Path(out_dir) / f"{split}.json"
         if not path.exists():
             continue
-        d = json.loads(path.read_text())
+        d = _read_split(path)
         counts: dict[int, int] = {im["id"]: 0 for im in d["images"]}
         for a in d["annotations"]:
             counts[a["image_id"]] += 1

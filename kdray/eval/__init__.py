@@ -1,4 +1,4 @@
-"""Evaluation: COCO / CrowdPose OKS AP (pycocotools) and MPII PCKh (METHODS.md section 0).
+"""Evaluation: COCO / CrowdPose OKS AP (pycocotools) and MPII PCKh (docs/methods.md section 1.4).
 
 ``evaluate_file`` is what ``kdray eval --gt ANN --pred RESULTS --metric coco|crowdpose|pckh``
 calls; every metric is in percent, ``None`` where there was nothing to score.

@@ -2,7 +2,7 @@
 
 OKS (COCO keypoint evaluation): ``OKS = mean_j exp(-d_j^2 / (2 s^2 k_j^2))`` over the GT's
 labelled joints, with ``k_j = 2 sigma_j`` and ``s^2`` the GT ``area`` (pycocotools' computeOks).
-CrowdPose (METHODS.md section 0) changes three things, all through COCOeval's params and the GT:
+CrowdPose (docs/methods.md 1.4) changes three things, all through COCOeval's params and the GT:
 its 14 sigmas, ``s^2 = 0.53 * w * h`` of the GT box (the GT ``area`` is overwritten), maxDets 20
 and a single "all" area range; AP^E / AP^M / AP^H re-run COCOeval on the images whose
 ``crowdIndex`` is < 0.2, in [0.2, 0.8) and >= 0.8. A bucket with no image reports ``None``
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdray.data.coco import DataError, fail, load_json
+from kdray.data.coco import (DataError, _number, _numbers, fail,  # the readers' field checks
+                             load_json)
 from kdray.data.keypoints import spec_for_count
 
 METRICS = ("coco", "crowdpose", "pckh")
@@ -63,30 +64,75 @@ def _prepare_gt(gt, metric: str, buckets: bool) -> tuple[dict, str | Path, int]:
     cats = [c for c in data["categories"] if isinstance(c, dict) and c.get("keypoints")]
     if not cats:
         raise fail(src, "categories", "keypoints", "no category lists keypoint names")
+    if not isinstance(cats[0]["keypoints"], list):
+        raise fail(src, "categories", "keypoints", "expected a list of joint names")
+    for c in cats:   # results name their category by this id
+        if not _is_int(c.get("id")):
+            raise fail(src, "categories", "id", f"expected an integer, got {c.get('id')!r}")
     k = len(cats[0]["keypoints"])
+    img_ids = _image_ids(data["images"], src)
+    ann_ids: set = set()
     for i, ann in enumerate(data["annotations"]):
-        where = f"annotation id {ann.get('id', f'#{i}')}" if isinstance(ann, dict) else f"#{i}"
+        # the index always (a record without a usable id is still found), the id when it has one
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        where = f"annotation #{i}" + (f" (id {ann_id})" if _is_int(ann_id) else "")
         for key in ("id", "image_id", "keypoints", "bbox"):
-            if not isinstance(ann, dict) or key not in ann:
+            if not isinstance(ann, dict):
+                raise fail(src, where, key, f"record is a {type(ann).__name__}, expected an object")
+            if key not in ann:
                 raise fail(src, where, key, "missing")
-        if not isinstance(ann["keypoints"], list) or len(ann["keypoints"]) != 3 * k:
-            raise fail(src, where, "keypoints", f"expected {3 * k} numbers")
-        if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
-            raise fail(src, where, "bbox", "expected [x, y, w, h]")
-        vis = np.asarray(ann["keypoints"], np.float64)[2::3]
+        if not _is_int(ann_id):
+            raise fail(src, where, "id", f"expected an integer, got {ann_id!r}")
+        if ann_id in ann_ids:   # pycocotools indexes by id: a duplicate would shadow another
+            raise fail(src, where, "id", "duplicate annotation id")
+        ann_ids.add(ann_id)
+        if not _is_int(ann["image_id"]) or ann["image_id"] not in img_ids:
+            raise fail(src, where, "image_id", f"unknown image id {ann['image_id']!r}")
+        kp = _numbers(ann["keypoints"], 3 * k, src, where, "keypoints")  # NaN, strings, length
+        vis = kp[2::3]
+        if not np.all(np.isin(vis, (0, 1, 2))):
+            j = int(np.argmax(~np.isin(vis, (0, 1, 2))))
+            raise fail(src, where, "keypoints", f"visibility of joint {j} is {vis[j]:g}, not 0/1/2")
+        box = _numbers(ann["bbox"], 4, src, where, "bbox")
+        if box[2] < 0 or box[3] < 0:
+            raise fail(src, where, "bbox", f"width and height must be >= 0, got {ann['bbox']}")
         ann.setdefault("num_keypoints", int(np.count_nonzero(vis > 0)))
         ann.setdefault("iscrowd", 0)
-        w, h = float(ann["bbox"][2]), float(ann["bbox"][3])
+        if ann["iscrowd"] not in (0, 1):
+            raise fail(src, where, "iscrowd", f"expected 0 or 1, got {ann['iscrowd']!r}")
+        w, h = float(box[2]), float(box[3])
         if metric == "crowdpose":
             ann["area"] = CROWDPOSE_AREA_FACTOR * w * h   # the GT area is ignored by design
         else:
-            ann.setdefault("area", w * h)
+            ann["area"] = _number(ann.get("area", w * h), src, where, "area")
     if buckets:
         for img in data["images"]:
-            if not isinstance(img.get("crowdIndex"), (int, float)):
+            ci = img.get("crowdIndex")
+            if isinstance(ci, bool) or not isinstance(ci, (int, float)) or not math.isfinite(ci):
                 raise fail(src, f"image id {img.get('id')}", "crowdIndex",
-                           "missing (CrowdPose E/M/H buckets need it)")
+                           "missing (CrowdPose E/M/H buckets need it)" if ci is None else
+                           f"expected a finite number, got {ci!r}")
     return data, src, k
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _image_ids(images: list, src) -> set[int]:
+    """The GT's image ids; each image must be an object with a unique integer ``id``."""
+    ids: set[int] = set()
+    for i, img in enumerate(images):
+        if not isinstance(img, dict):
+            raise fail(src, f"image #{i}", "id", f"record is a {type(img).__name__}, "
+                                                 f"expected an object")
+        if not _is_int(img.get("id")):
+            raise fail(src, f"image #{i}", "id", "missing" if "id" not in img else
+                       f"expected an integer, got {img['id']!r}")
+        if img["id"] in ids:
+            raise fail(src, f"image #{i}", "id", f"duplicate image id {img['id']}")
+        ids.add(img["id"])
+    return ids
 
 
 def _prepare_results(results, gt: dict, k: int) -> list[dict]:
@@ -95,15 +141,21 @@ def _prepare_results(results, gt: dict, k: int) -> list[dict]:
     if not isinstance(dets, list):
         raise fail(src, "top level", "(whole file)", "expected a list of results")
     img_ids = {img["id"] for img in gt["images"]}
-    cat_id = next(c["id"] for c in gt["categories"] if c.get("keypoints"))
+    cat_ids = [c.get("id") for c in gt["categories"] if isinstance(c, dict) and c.get("keypoints")]
     clean = []
     for i, d in enumerate(dets):
         where = f"result #{i}"
         for key in ("image_id", "keypoints", "score"):
             if not isinstance(d, dict) or key not in d:
                 raise fail(src, where, key, "missing")
-        if not isinstance(d["image_id"], int) or d["image_id"] not in img_ids:
+        if not _is_int(d["image_id"]) or d["image_id"] not in img_ids:
             raise fail(src, where, "image_id", f"image id {d['image_id']!r} is not in the GT")
+        cat = d.get("category_id", cat_ids[0])
+        if not _is_int(cat):
+            raise fail(src, where, "category_id", f"expected an integer, got {cat!r}")
+        if cat not in cat_ids:  # COCOeval would score it against no GT: AP 0 without a word
+            raise fail(src, where, "category_id", f"category {cat} is not a keypoint category "
+                                                  f"of the GT (its keypoint categories: {cat_ids})")
         try:
             kp = np.asarray(d["keypoints"], np.float64).reshape(-1)
         except (TypeError, ValueError):
@@ -114,7 +166,7 @@ def _prepare_results(results, gt: dict, k: int) -> list[dict]:
                 or not math.isfinite(d["score"]):
             raise fail(src, where, "score", f"expected a finite number, got {d['score']!r}")
         # only these fields: a 'bbox' would make loadRes take the box as the detection's area
-        clean.append({"image_id": d["image_id"], "category_id": d.get("category_id", cat_id),
+        clean.append({"image_id": d["image_id"], "category_id": cat,
                       "keypoints": kp.tolist(), "score": float(d["score"])})
     return clean
 

@@ -1,4 +1,4 @@
-"""Model complexity: parameters and GFLOPs of one forward (METHODS.md section 0, "Complexity").
+"""Model complexity: parameters and GFLOPs of one forward (docs/methods.md 1.5, "Complexity").
 
 Convention. ``torch.utils.flop_counter.FlopCounterMode`` counts a multiply-accumulate as 2
 FLOPs (convolutions, matmuls, linear layers; elementwise ops, BatchNorm, pooling and resizing are

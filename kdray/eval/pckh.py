@@ -1,7 +1,7 @@
 """MPII PCKh@0.5 per joint group, as the standard MPII evaluation (and mmpose) computes it.
 
 A joint counts only where the GT has ``joints_vis = 1``. It is correct when
-``||pred - gt|| <= thr * head_size`` (thr = 0.5). Head size (METHODS.md section 0):
+``||pred - gt|| <= thr * head_size`` (thr = 0.5). Head size (docs/methods.md 1.4):
 
 * ``0.6 * ||headbox[1] - headbox[0]||`` (the head-box diagonal; MPII's SC_BIAS = 0.6) for a
   person with a ``headboxes`` field ``[[x1, y1], [x2, y2]]``, or from the ``headboxes`` argument;
@@ -32,6 +32,16 @@ HEAD_TOP, UPPER_NECK = 9, 8
 MEAN_EXCLUDED = (6, 7)   # pelvis, thorax: not in the standard Mean
 
 
+def _array(value, src, where: str, field: str, expected: str) -> np.ndarray:
+    """``value`` as float64; ragged rows (a joint with one coordinate), strings or objects are a
+    DataError naming the field, not numpy's "inhomogeneous shape" traceback."""
+    try:
+        return np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise fail(src, where, field, f"expected {expected} (numbers, rows of equal "
+                                      f"length)") from None
+
+
 def _gt_arrays(gt) -> tuple[np.ndarray, np.ndarray, list, str | Path]:
     """GT persons -> joints (N, 16, 2), visibility (N, 16) bool, per-person head boxes or None."""
     src = gt if isinstance(gt, (str, Path)) else "<gt list>"
@@ -44,15 +54,15 @@ def _gt_arrays(gt) -> tuple[np.ndarray, np.ndarray, list, str | Path]:
         for key in ("joints", "joints_vis"):
             if not isinstance(p, dict) or key not in p:
                 raise fail(src, where, key, "missing")
-        j = np.asarray(p["joints"], np.float64)
-        v = np.asarray(p["joints_vis"], np.float64)
+        j = _array(p["joints"], src, where, "joints", "16 [x, y] pairs")
+        v = _array(p["joints_vis"], src, where, "joints_vis", "16 values, each 0 or 1")
         if j.shape != (16, 2) or not np.all(np.isfinite(j)):
             raise fail(src, where, "joints", f"expected 16 finite [x, y] pairs, got {j.shape}")
         if v.shape != (16,) or not np.all(np.isin(v, (0, 1))):
             raise fail(src, where, "joints_vis", "expected 16 values, each 0 or 1")
         hb = p.get("headboxes")
         if hb is not None:
-            hb = np.asarray(hb, np.float64)
+            hb = _array(hb, src, where, "headboxes", "[[x1, y1], [x2, y2]]")
             if hb.shape != (2, 2) or not np.all(np.isfinite(hb)):
                 raise fail(src, where, "headboxes", "expected [[x1, y1], [x2, y2]]")
         joints.append(j)
@@ -81,7 +91,8 @@ def _pred_array(preds, n: int) -> np.ndarray:
                 raise fail(src, f"prediction #{i}", "joints", f"expected 16 x 2, got {arr.shape}")
             rows.append(arr[:, :2])
         preds = np.stack(rows) if rows else np.zeros((0, 16, 2))
-    preds = np.asarray(preds, np.float64)
+    # a JSON object instead of a list fails here, naming the file
+    preds = _array(preds, src, "top level", "joints", "a list of 16 x 2 joint lists")
     if preds.ndim != 3 or preds.shape[1] != 16 or preds.shape[2] < 2:
         raise fail(src, "top level", "joints", f"expected (N, 16, 2), got {preds.shape}")
     if len(preds) != n:

@@ -63,7 +63,8 @@ def joint_errors(records: list[PersonRecord], preds: dict) -> dict:
 
 
 def score(val: ValSet, preds: dict) -> dict:
-    """Metric dict in percent (DESIGN.md section 1 keys) plus joint errors when GT is known."""
+    """Metric dict in percent (the keys of docs/architecture.md, "Command-line contract") plus
+    joint errors when GT is known."""
     if val.metric == "pckh":
         full = np.zeros((len(val.records),) + preds["coords"].shape[1:], np.float32)
         full[preds["index"]] = preds["coords"]

@@ -30,21 +30,26 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
-import torch
-from timm.models._features import FeatureGetterNet
-from torch import nn
+# timm and torch load in the functions that use them (5 s): kdray.config checks a config's
+# backbone names and input sizes against BACKBONES at load, before anything heavy imports.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """timm name + create kwargs, and the stride of the map that feeds the SimCC head."""
+    """timm name + create kwargs, the stride of the map that feeds the SimCC head, and the
+    largest returned reduction (input H and W must be multiples of it; the config checks sizes
+    with it at load, :func:`build_backbone` checks it against timm)."""
     timm_name: str
     kwargs: dict = field(default_factory=dict)
     head_stride: int = 4
+    size_divisor: int = 32
 
 
 _HRNET = {"feature_location": "", "out_indices": (1, 2, 3, 4)}
@@ -58,8 +63,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     "hrnet_w48": BackboneSpec("hrnet_w48", _HRNET, head_stride=4),
     "resnet18": BackboneSpec("resnet18", _PLAIN, head_stride=32),
     "resnet50": BackboneSpec("resnet50", _PLAIN, head_stride=32),
-    "mobilenetv3_small_100": BackboneSpec("mobilenetv3_small_100", _MOBILE, head_stride=16),
-    "mobilenetv3_large_100": BackboneSpec("mobilenetv3_large_100", _MOBILE, head_stride=16),
+    "mobilenetv3_small_100": BackboneSpec("mobilenetv3_small_100", _MOBILE, head_stride=16,
+                                          size_divisor=16),
+    "mobilenetv3_large_100": BackboneSpec("mobilenetv3_large_100", _MOBILE, head_stride=16,
+                                          size_divisor=16),
 }
 
 
@@ -90,6 +97,7 @@ def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, BackboneInf
         raise ValueError(f"unknown backbone {name!r} (model.backbone); known: "
                          f"{', '.join(sorted(BACKBONES))}")
     spec = BACKBONES[name]
+    import timm
     module = timm.create_model(spec.timm_name, pretrained=False, features_only=True,
                                **spec.kwargs)
     channels = tuple(int(c) for c in module.feature_info.channels())
@@ -97,6 +105,9 @@ def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, BackboneInf
     if spec.head_stride not in reductions:  # a dict entry and timm disagree: fail at build
         raise ValueError(f"backbone {name!r}: head stride {spec.head_stride} not among the "
                          f"returned reductions {reductions}")
+    if spec.size_divisor != max(reductions):
+        raise ValueError(f"backbone {name!r}: size_divisor {spec.size_divisor} is not the largest "
+                         f"returned reduction {max(reductions)}")
     report = load_weights(module, weights) if weights else ""
     info = BackboneInfo(name, spec.timm_name, channels, reductions,
                         head_index=reductions.index(spec.head_stride),
@@ -114,6 +125,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         sd = load_file(str(path))
     else:  # never unpickle arbitrary objects (docs/operations.md, "Security notes")
+        import torch
         sd = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):  # common checkpoint nestings
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -140,6 +152,7 @@ def load_weights(module: nn.Module, path: str) -> str:
     if not p.is_file():
         raise FileNotFoundError(f"model.weights: no such file {path!r}")
     # timm's getter wraps the (pruned) model: load into it so plain timm checkpoints fit
+    from timm.models._features import FeatureGetterNet
     target = module.model if isinstance(module, FeatureGetterNet) else module
     own = target.state_dict()
     sd = _read_state_dict(p)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdray.config import ModelConfig
+from kdray.config import ConfigError, ModelConfig
 from kdray.nn.backbones import BackboneInfo, build_backbone
 from kdray.nn.simcc_head import SimCCHead
 
@@ -32,16 +32,16 @@ from kdray.nn.simcc_head import SimCCHead
 def check_input_size(input_size: tuple[int, int], info: BackboneInfo,
                      field: str = "data.input_size") -> tuple[int, int]:
     """(H, W) must be positive and divisible by the backbone's largest reduction (HRNet: 32,
-    its fusion layers upsample the 1/32 branch by exact factors). Raises ValueError naming
-    ``field``, the config key the size came from."""
+    its fusion layers upsample the 1/32 branch by exact factors). Raises ConfigError (a
+    ValueError) naming ``field``, the config key the size came from."""
     try:
         h, w = (int(v) for v in input_size)
     except (TypeError, ValueError):
-        raise ValueError(f"{field} must be (H, W), got {input_size!r}") from None
+        raise ConfigError(f"{field} must be (H, W), got {input_size!r}") from None
     d = info.size_divisor
     if h <= 0 or w <= 0 or h % d or w % d:
         ok = (max(d, h // d * d), max(d, w // d * d))
-        raise ValueError(f"{field} = ({h}, {w}): backbone {info.name} needs H and W divisible by "
+        raise ConfigError(f"{field} = ({h}, {w}): backbone {info.name} needs H and W divisible by "
                          f"{d} (its coarsest feature is 1/{d} of the input); e.g. {ok}")
     return h, w
 

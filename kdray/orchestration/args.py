@@ -6,6 +6,7 @@ Kept apart from kdray/orchestration/pipeline.py, which imports torch, timm, Ray 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from kdray.config import ExperimentConfig, load_config
 from kdray.console import set_verbose
@@ -39,3 +40,10 @@ def parse_args(pipeline: str, argv: list[str] | None = None, doc: str = "",
     args = p.parse_intermixed_args(argv)  # positionals (a sweep's space file) before options
     set_verbose(args.verbose)
     return args, load_config(args.config, args.overrides)
+
+
+def help_first(pipeline: str, doc: str = "", extra=None) -> None:
+    """For a script whose imports are heavy: answer ``--help`` (and exit) before they load.
+    Call it at the top of the script, under ``if __name__ == "__main__"``."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        parse_args(pipeline, sys.argv[1:], doc, extra)

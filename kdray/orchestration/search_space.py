@@ -18,7 +18,8 @@ parameters listed above it (Optuna define-by-run); an unsampled one keeps the co
 an unknown field, an unknown distribution, an empty or inverted range, or a value the config's
 own validation refuses raises :class:`ConfigError` naming the file and the key. Non-scalar
 choices (ETHT target lists, kernel count vectors) reach Optuna as string labels ("tau-alpha",
-"1-1-2-0"; PITFALLS.md: no tuples in Optuna's storage) and are decoded back for the config.
+"1-1-2-0"; docs/operations.md, Tune: no tuples in Optuna's storage) and are decoded back for
+the config.
 """
 from __future__ import annotations
 
@@ -28,9 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kdray.config import ConfigError, ExperimentConfig, get_dotted, with_overrides
+from kdray.config import ConfigError, ExperimentConfig, get_dotted, read_yaml, with_overrides
 
 KINDS = ("loguniform", "uniform", "int", "choice", "grid")
 STAGES = ("teacher", "student", "gcn", "cdkd")
@@ -116,12 +115,7 @@ _MISSING = object()
 def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
     """Read and validate a search-space file against ``base`` (the sweep's config)."""
     source = str(path)
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    data = read_yaml(path)           # duplicate keys, directories, binary files: ConfigError
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'stage' and 'params'")
     unknown = sorted(set(data) - {"stage", "metric", "params"})
@@ -135,11 +129,29 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
         raise ConfigError(f"{source}: params: expected a non-empty mapping of dotted fields")
     params: list[Param] = []
     for key, spec in raw.items():
-        params.append(_param(source, str(key), spec, base, [p.key for p in params]))
-    return SearchSpace(source, stage, str(data.get("metric") or ""), tuple(params))
+        params.append(_param(source, str(key), spec, base, {p.key: p for p in params}))
+    metric = data.get("metric") or ""
+    reported = reported_metrics(base)
+    if metric and metric not in reported:   # Tune would wait for a metric no trial reports
+        raise ConfigError(f"{source}: metric: {metric!r} is not a metric the {stage} stage "
+                          f"reports on {base.data.dataset} (higher is better): one of "
+                          f"{', '.join(reported)}")
+    return SearchSpace(source, stage, str(metric), tuple(params))
 
 
-def _param(source: str, key: str, spec, base: ExperimentConfig, earlier: list[str]) -> Param:
+def reported_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """What every trial reports that a sweep can maximise: ``val_`` + the evaluator's keys
+    (kdray.train.fit, kdray.eval.runner.score; SynthPose adds the CrowdPose crowd buckets).
+    The joint errors ``val_err_*`` are lower-is-better, so not among them."""
+    from kdray.data.keypoints import MPII_PCKH_GROUPS
+    from kdray.eval.coco import BUCKET_KEYS, COCO_KEYS, CROWDPOSE_KEYS
+    keys = {"coco": COCO_KEYS, "synthpose": COCO_KEYS + BUCKET_KEYS, "crowdpose": CROWDPOSE_KEYS,
+            "mpii": (*MPII_PCKH_GROUPS, "Mean")}[cfg.data.dataset]
+    return tuple(f"val_{k}" for k in keys)
+
+
+def _param(source: str, key: str, spec, base: ExperimentConfig,
+           earlier: dict[str, Param]) -> Param:
     where = f"{source}: {key}"
     try:
         current = get_dotted(base, key)
@@ -157,7 +169,15 @@ def _param(source: str, key: str, spec, base: ExperimentConfig, earlier: list[st
     kind, args = kinds[0], spec[kinds[0]]
     if not isinstance(when, dict) or any(k not in earlier for k in when):
         raise ConfigError(f"{where}: when: expected conditions on parameters listed above "
-                          f"({earlier}), got {when!r}")
+                          f"({list(earlier)}), got {when!r}")
+    when = {k: _condition(where, k, v, earlier[k]) for k, v in when.items()}
+    numeric = kind in ("loguniform", "uniform", "int")
+    if numeric and (isinstance(current, bool) or not isinstance(current, (int, float))):
+        raise ConfigError(f"{where}: {kind}: the field holds a {type(current).__name__} "
+                          f"({current!r}), not a number; sample it with choice or grid")
+    if numeric and kind != "int" and isinstance(current, int):  # every trial would be refused
+        raise ConfigError(f"{where}: {kind}: the field is an integer (now {current!r}) and "
+                          f"{kind} samples floats such as 1.38; use int: [low, high]")
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}: {kind}: expected a non-empty list of values")
@@ -182,7 +202,7 @@ def _param(source: str, key: str, spec, base: ExperimentConfig, earlier: list[st
             raise ConfigError(f"{where}: {kind}: expected finite bounds, got {args!r}")
         args = (low, high)
         values = args
-    p = Param(key, kind, args, dict(when))
+    p = Param(key, kind, args, when)
     for v in values:  # every endpoint / choice must be a value the config accepts
         value = config_value(p, label(v), base) if kind in ("choice", "grid") else v
         try:
@@ -190,3 +210,23 @@ def _param(source: str, key: str, spec, base: ExperimentConfig, earlier: list[st
         except ConfigError as e:
             raise ConfigError(f"{where}: value {value!r} is refused by the config ({e})") from None
     return p
+
+
+def _condition(where: str, key: str, value, cond: Param):
+    """A ``when`` value as define_by_run compares it (lists as tuples, like the choices); it
+    must be a value the parameter ``key`` can take, else the parameter is never sampled."""
+    value = tuple(value) if isinstance(value, list) else value
+    if cond.kind in ("choice", "grid"):
+        if not any(type(a) is type(value) and a == value for a in cond.args):  # True is not 1
+            raise ConfigError(f"{where}: when: {key}: {label(value)!r} is not one of its "
+                              f"values {cond.labels}")
+    elif cond.kind == "int":
+        low, high = cond.args
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{where}: when: {key}: {value!r} is not an integer in its range "
+                              f"[{low}, {high}]")
+    else:
+        raise ConfigError(f"{where}: when: {key} is sampled from a continuous {cond.kind} "
+                          f"range and would almost never equal {value!r}; condition on a "
+                          f"choice, grid or int parameter")
+    return value

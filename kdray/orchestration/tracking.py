@@ -488,3 +488,27 @@ def show_model(ref: str, uri: str = "") -> dict:
 
 def warn(msg: str) -> None:
     print(f"kdray: {msg}", file=sys.stderr, flush=True)
+
+
+def existing_store(uri: str = "", storage: str | Path | None = None) -> str:
+    """:func:`resolve_uri` for commands that only read the store (``kdray registry``, ``kdray
+    predict --model models:/...``): a sqlite file or a ``file://`` folder that does not exist is
+    a RegistryError naming it, where MLflow would silently create an empty store there."""
+    try:
+        uri = resolve_uri(uri, storage)
+    except ValueError as e:
+        raise RegistryError(f"{e} (from tracking.uri or $MLFLOW_TRACKING_URI)") from None
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    elif uri.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+        path = Path(unquote(urlparse(uri).path))
+    else:
+        return uri                                 # a tracking server: it answers for itself
+    if not path.exists():
+        raise RegistryError(
+            f"no MLflow store at {path} ({uri}): nothing was tracked or registered there; run a "
+            f"pipeline first, or point at the store that holds your models with "
+            f"$MLFLOW_TRACKING_URI (e.g. sqlite:///PATH/mlflow.db or http://HOST:PORT, the "
+            f"pipelines' tracking.uri) or $KDRAY_STORAGE (the folder holding mlflow.db)")
+    return uri
