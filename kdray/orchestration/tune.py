@@ -1,14 +1,14 @@
 """Sweeps: a search space (kdray/orchestration/search_space.py) -> Ray Tune trials.
 
-One trial = one stage run (DESIGN.md section 5). The trial function builds the stage with the
-sampled config and fits it: in its Tune actor when the stage uses one worker (or none), on its
-own ``TorchTrainer`` (``TuneReportCallback``) when ``ray.num_workers > 1``. Optuna's TPE samples
-the define-by-run space; ASHA stops weak trials on the val metric (``time_attr = epoch``); at
-most as many trials run at once as the cluster's CPUs (GPUs) hold. The Tuner's state lives in
-``<out>/tune/``: ``--resume`` restores it (``Tuner.restore``), finished trials stay finished and
-an interrupted trial continues from the last checkpoint in its own folder
-``<out>/trials/<trial_id>/``, whose ``attempts.jsonl`` records every start. Each trial logs to
-its own MLflow child run of the sweep's parent run.
+One trial = one stage run (docs/architecture.md, "Orchestration"). The trial function builds
+the stage with the sampled config and fits it: in its Tune actor when the stage uses one worker
+(or none), on its own ``TorchTrainer`` (``TuneReportCallback``) when ``ray.num_workers > 1``.
+Optuna's TPE samples the define-by-run space; ASHA stops weak trials on the val metric
+(``time_attr = epoch``); at most as many trials run at once as the cluster's CPUs (GPUs) hold.
+The Tuner's state lives in ``<out>/tune/``: ``--resume`` restores it (``Tuner.restore``),
+finished trials stay finished and an interrupted trial continues from the last checkpoint in its
+own folder ``<out>/trials/<trial_id>/``, whose ``attempts.jsonl`` records every start. Each
+trial logs to its own MLflow child run of the sweep's parent run.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def uses_frozen_cache(space: SearchSpace) -> bool:
 def trial_resources(cfg: ExperimentConfig, gpu: bool) -> tuple[dict, float, float]:
     """(Tune resources of the trial actor, CPUs a trial occupies, GPUs a trial occupies)."""
     r = cfg.ray
-    if r.num_workers > 1:  # the actor only drives its TorchTrainer (PITFALLS.md)
+    if r.num_workers > 1:  # the actor only drives its TorchTrainer (docs/operations.md, Tune)
         return {"CPU": 0.01}, r.num_workers * r.cpus_per_worker, r.num_workers * float(gpu)
     res = {"CPU": r.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     return res, r.cpus_per_worker, float(gpu)
