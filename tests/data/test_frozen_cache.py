@@ -16,8 +16,17 @@ SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 @pytest.fixture(scope="module")
 def frozen(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("frozen")
+    # One thread for this module, restored afterwards: a bare set_num_threads(1) left every later
+    # test of the session on one thread (direct == cached holds with 2 threads as well).
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield _build_frozen(tmp_path_factory.mktemp("frozen"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_frozen(tmp):
     cfg = load_config(SMOKE, [f"data.root={tmp / 'data'}", "data.max_train=32",
                               "teacher.train.precision=fp32", "ray.num_workers=0",
                               "tsd.stage2.train.epochs=2", "tsd.stage2.mode=teacher"])

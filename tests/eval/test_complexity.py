@@ -1,4 +1,4 @@
-"""Parameters and FLOPs/MACs (METHODS.md section 0, "Complexity")."""
+"""Parameters and FLOPs/MACs (docs/methods.md section 1.5, "Complexity")."""
 from __future__ import annotations
 
 import pytest

@@ -16,6 +16,7 @@ P8 = [0.05, 0.15, 0.10, 0.20, 0.05, 0.25, 0.12, 0.08]  # sums to 1.00
 # ---- Eq. (5) ---------------------------------------------------------------------------------
 def test_cosine_feature_loss_identical_orthogonal_opposite():
     x = torch.randn(3, 4, 2, 2)
+    # fp32: cos of 16-term dot products is a few u (6e-8) from +-1; abs=1e-6, a wrong loss is >= 0.5
     assert cosine_feature_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
     assert cosine_feature_loss(5.0 * x, x).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
     assert cosine_feature_loss(-x, x).item() == pytest.approx(2.0, abs=1e-6)
@@ -136,6 +137,7 @@ def _theta_grad(lt, xi):
 
 def test_learnable_temperature_range_and_init():
     lt = LearnableTemperature(init=4.0, lo=1.0, hi=10.0)
+    # fp32: 1 + 9 sigmoid(fp32 log 0.5): ~2 ulp of sigmoid (3e-8 each) x 9 -> <= 2e-7 relative
     assert lt.value.item() == pytest.approx(4.0, rel=1e-6)
     with torch.no_grad():
         lt.theta.fill_(50.0)
@@ -155,23 +157,29 @@ def test_etht_reverses_and_scales_by_xi():
         torch.testing.assert_close(_theta_grad(lt, xi), -xi * plain)
     assert _theta_grad(lt, 0.0).item() == 0.0
 
+    pair64 = [t.double() for t in _fixed_pair()]
+
     def loss_at(m):
         with torch.no_grad():
-            return cca_logit_loss(*_fixed_pair(), tau=m.value, beta_scale=1.0).item()
+            return cca_logit_loss(*pair64, tau=m.value, beta_scale=1.0).item()
 
     # one SGD step with the reversed gradient moves tau so the distillation loss INCREASES,
-    # and the theta step is proportional to xi
+    # and the theta step is proportional to xi. In float64: in float32, theta (~-0.69, ulp 6e-8)
+    # minus a step of ~1e-4 rounds the step to ~2.4e-4 relative, which depends on the CPU's
+    # exp/log kernels (AVX2 gave 0.24997). In float64 the rounding is ~1e-12 relative; the
+    # gradient ratio is exact (xi = 0.25 is a power of two), so rel=1e-9 is ample and still
+    # rejects any other scaling (xi**2 -> 0.0625, a missing xi -> 1.0).
     steps = {}
     for xi in (0.25, 1.0):
-        m = LearnableTemperature(init=4.0)
+        m = LearnableTemperature(init=4.0).double()
         before, theta0 = loss_at(m), m.theta.item()
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
         opt.zero_grad()
-        cca_logit_loss(*_fixed_pair(), tau=m(xi), beta_scale=1.0).backward()
+        cca_logit_loss(*pair64, tau=m(xi), beta_scale=1.0).backward()
         opt.step()
         assert loss_at(m) > before
         steps[xi] = m.theta.item() - theta0
-    assert steps[0.25] / steps[1.0] == pytest.approx(0.25, rel=1e-4)
+    assert steps[0.25] / steps[1.0] == pytest.approx(0.25, rel=1e-9)
 
 
 def test_xi_schedule():

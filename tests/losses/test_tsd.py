@@ -10,6 +10,11 @@ from kdray.losses.tsd import (edge_weights, feature_mse, gamma, gcn_block_loss,
                               stage1_loss, stage2_loss, structure_loss)
 
 T = torch.tensor
+# Hand values vs fp32 results: inputs such as 0.1 are inexact (u = 6e-8) and lengths and
+# errors subtract, so a result can be ~10 u = 6e-7 relative off, pytest's default rel=1e-6.
+# rel=1e-5 allows any summation order or FMA a CPU picks; a wrong weight, term or mask is
+# >= 1% off. abs=1e-7 only for results that are 0.
+FP32 = {"rel": 1e-5, "abs": 1e-7}
 
 
 def _adapter(weight: list[float], bias: list[float]) -> torch.nn.Conv2d:
@@ -32,8 +37,8 @@ def test_feature_mse_golden_same_size():
     adapter = _adapter([[2.0], [-1.0]], [0.0, 1.0])
     student = T([[[[1.0, 2.0]]], [[[0.0, 0.0]]]])                       # (2, 1, 1, 2)
     teacher = T([[[[1.0, 4.0]], [[0.0, 1.0]]], [[[0.0, 0.0]], [[1.0, 3.0]]]])   # (2, 2, 1, 2)
-    assert feature_mse(student[:1], teacher[:1], adapter).item() == pytest.approx(1.25)
-    assert feature_mse(student, teacher, adapter).item() == pytest.approx(1.125)
+    assert feature_mse(student[:1], teacher[:1], adapter).item() == pytest.approx(1.25, **FP32)
+    assert feature_mse(student, teacher, adapter).item() == pytest.approx(1.125, **FP32)
 
 
 def test_feature_mse_resizes_student_to_teacher():
@@ -41,7 +46,7 @@ def test_feature_mse_resizes_student_to_teacher():
     # teacher [[3, 4], [5, 3]] -> errors 0, 1, 4, 0 -> 5 / (1*2*2) = 1.25
     adapter = _adapter([[1.0]], [0.0])
     loss = feature_mse(T([[[[3.0]]]]), T([[[[3.0, 4.0], [5.0, 3.0]]]]), adapter)
-    assert loss.item() == pytest.approx(1.25)
+    assert loss.item() == pytest.approx(1.25, **FP32)
     loss.backward()
     assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
 
@@ -64,8 +69,8 @@ def test_pose_l1_golden_with_mask():
     stu = T([[[0.25, 0.1], [0.9, 0.9]], [[0.3, 0.3], [0.5, 0.4]]])
     tea = TEA.expand(2, 2, 2)
     mask = T([[1.0, 0.0], [1.0, 1.0]])
-    assert pose_l1(stu[:1], tea[:1], mask[:1]).item() == pytest.approx(0.25)
-    assert pose_l1(stu, tea, mask).item() == pytest.approx(0.65 / 3)
+    assert pose_l1(stu[:1], tea[:1], mask[:1]).item() == pytest.approx(0.25, **FP32)
+    assert pose_l1(stu, tea, mask).item() == pytest.approx(0.65 / 3, **FP32)
 
 
 def test_pose_l1_empty_mask_is_zero_and_finite():
@@ -92,24 +97,24 @@ def test_structure_loss_single_edge():
     edges = skeleton_edges([(0, 1)])
     w = edge_weights([(0, 1)])
     loss = structure_loss(STU3[:, :2], TEA3[:, :2], edges, w, torch.ones(1, 2))
-    assert loss.item() == pytest.approx(0.5)
+    assert loss.item() == pytest.approx(0.5, **FP32)
 
 
 def test_structure_loss_uniform_weights():
     # w = (1/2, 1/2): 0.5 * 0.5 + 0.5 * 0.3 = 0.4
     w = edge_weights(SKEL, "uniform")
-    assert w.tolist() == pytest.approx([0.5, 0.5])
+    assert w.tolist() == pytest.approx([0.5, 0.5], **FP32)
     loss = structure_loss(STU3, TEA3, skeleton_edges(SKEL), w, torch.ones(1, 3))
-    assert loss.item() == pytest.approx(0.4)
+    assert loss.item() == pytest.approx(0.4, **FP32)
 
 
 def test_structure_loss_inverse_length_weights():
     # mean lengths (0.5, 0.25) -> 1/l = (2, 4) -> w = (1/3, 2/3)
     # loss = 0.5/3 + 0.3 * 2/3 = 0.1666.. + 0.2 = 0.3666..
     w = edge_weights(SKEL, "inverse_length", mean_lengths=T([0.5, 0.25]))
-    assert w.tolist() == pytest.approx([1 / 3, 2 / 3])
+    assert w.tolist() == pytest.approx([1 / 3, 2 / 3], **FP32)
     loss = structure_loss(STU3, TEA3, skeleton_edges(SKEL), w, torch.ones(1, 3))
-    assert loss.item() == pytest.approx(0.5 / 3 + 0.2)
+    assert loss.item() == pytest.approx(0.5 / 3 + 0.2, **FP32)
 
 
 def test_structure_loss_mask_and_batch_average():
@@ -118,7 +123,7 @@ def test_structure_loss_mask_and_batch_average():
     stu, tea = STU3.expand(2, 3, 2), TEA3.expand(2, 3, 2)
     mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     loss = structure_loss(stu, tea, skeleton_edges(SKEL), edge_weights(SKEL), mask)
-    assert loss.item() == pytest.approx(0.325)
+    assert loss.item() == pytest.approx(0.325, **FP32)
 
 
 def test_structure_loss_finite_gradient_at_coincident_joints():
@@ -126,6 +131,7 @@ def test_structure_loss_finite_gradient_at_coincident_joints():
     stu = torch.full((1, 3, 2), 0.5, requires_grad=True)
     loss = structure_loss(stu, TEA3, skeleton_edges(SKEL), edge_weights(SKEL), torch.ones(1, 3))
     loss.backward()
+    # abs=1e-5: each zero-length edge is sqrt(0 + 1e-12) = 1e-6 long (the eps), not fp32 noise
     assert loss.item() == pytest.approx(0.5 * 0.5 + 0.5 * 0.6, abs=1e-5)
     assert torch.isfinite(stu.grad).all()
 
@@ -136,10 +142,10 @@ def test_mean_edge_lengths_counts_labelled_pairs_only():
     # means: (0.5 + 0.6)/2 = 0.55, 0.8
     kp = T([[[0.0, 0.0, 2], [0.3, 0.4, 2], [0.3, 0.4, 0]],
             [[0.0, 0.0, 1], [0.0, 0.6, 2], [0.8, 0.6, 2]]])
-    assert mean_edge_lengths(kp, SKEL).tolist() == pytest.approx([0.55, 0.8])
+    assert mean_edge_lengths(kp, SKEL).tolist() == pytest.approx([0.55, 0.8], **FP32)
     # sample 1 alone: edge (1, 2) never labelled -> the mean of the other edges, 0.5
     # (numpy input accepted: the helper runs over a dataset's records)
-    assert mean_edge_lengths(kp[:1].numpy(), SKEL).tolist() == pytest.approx([0.5, 0.5])
+    assert mean_edge_lengths(kp[:1].numpy(), SKEL).tolist() == pytest.approx([0.5, 0.5], **FP32)
 
 
 def test_edge_weights_errors():
@@ -164,7 +170,7 @@ def test_gamma_endpoints():
 def test_stage1_loss_combination():
     # 2 + 0.5 * 5e-5 * 100 + 0.5 * 0.1 * 3 = 2 + 0.0025 + 0.15 = 2.1525
     loss = stage1_loss(T(2.0), T(100.0), T(3.0), gamma_t=0.5, alpha=5e-5, beta=0.1)
-    assert loss.item() == pytest.approx(2.1525)
+    assert loss.item() == pytest.approx(2.1525, **FP32)
 
 
 # ---- Eqs. (6) and (7) ------------------------------------------------------------------------
@@ -174,15 +180,15 @@ def test_gcn_block_loss_golden_with_mask():
     #   |(0.2-0.25)| + |(0.3-0.1)| = 0.25 for joint 1, joint 2 masked out -> 0.25 / 1
     pred = T([[[0.25, 0.1], [0.9, 0.9]]], requires_grad=True)
     loss = gcn_block_loss(pred, TEA, T([[1.0, 0.0]]))
-    assert loss.item() == pytest.approx(0.25)
+    assert loss.item() == pytest.approx(0.25, **FP32)
     loss.backward()
     assert pred.grad[0, 1].abs().sum() == 0         # the masked joint gets no gradient
-    assert pred.grad[0, 0].tolist() == pytest.approx([1.0, -1.0])   # sign(pred - target)
+    assert pred.grad[0, 0].tolist() == pytest.approx([1.0, -1.0], **FP32)   # sign(pred - target)
 
 
 def test_stage2_loss_weights():
     # 0.3 * 1 + 0.5 * 2 + 1.0 * 4 = 0.3 + 1.0 + 4.0 = 5.3
-    assert stage2_loss([T(1.0), T(2.0), T(4.0)]).item() == pytest.approx(5.3)
-    assert stage2_loss([T(1.0), T(2.0)], weights=(1.0, 0.5)).item() == pytest.approx(2.0)
+    assert stage2_loss([T(1.0), T(2.0), T(4.0)]).item() == pytest.approx(5.3, **FP32)
+    assert stage2_loss([T(1.0), T(2.0)], weights=(1.0, 0.5)).item() == pytest.approx(2.0, **FP32)
     with pytest.raises(ValueError):
         stage2_loss([T(1.0)])

@@ -1,6 +1,5 @@
 """Teacher -> TSD stage 1 -> stage 2 and teacher -> CDKD, end to end in plain Python (no Ray)."""
 import json
-import time
 
 import torch
 
@@ -10,7 +9,6 @@ from kdray.stages import build_stage, load_records, run_stage
 
 
 def test_tsd_chain_end_to_end(tiny_cfg, tmp_path, real_data):
-    t0 = time.perf_counter()
     records = load_records(tiny_cfg)
     teacher = run_stage("teacher", tiny_cfg, tmp_path / "teacher", records=records)
     student = run_stage("student", tiny_cfg, tmp_path / "student",
@@ -31,7 +29,6 @@ def test_tsd_chain_end_to_end(tiny_cfg, tmp_path, real_data):
     trainable = {id(p) for p in built.task.trainable_parameters()}
     assert trainable == {id(p) for p in built.task.model.gcn.parameters()}
     assert {"val_AP", "val_err_occluded", "loss_gcn1", "loss_gcn3"} <= set(result.metrics)
-    assert time.perf_counter() - t0 < 60
 
     # the refined model (student + GCN) is one module that `kdray predict` runs
     module, meta = model_from_checkpoint(tmp_path / "gcn" / "checkpoints" / "last.pt")
@@ -45,7 +42,6 @@ def test_tsd_chain_end_to_end(tiny_cfg, tmp_path, real_data):
 
 
 def test_cdkd_end_to_end(tiny_cfg, tmp_path):
-    t0 = time.perf_counter()
     records = load_records(tiny_cfg)
     teacher = run_stage("teacher", tiny_cfg, tmp_path / "teacher", records=records)
     res = run_stage("cdkd", tiny_cfg, tmp_path / "cdkd", {"teacher": str(teacher.checkpoint)},
@@ -55,7 +51,6 @@ def test_cdkd_end_to_end(tiny_cfg, tmp_path):
     assert 1.0 <= last["tau"] <= 10.0
     module, meta = model_from_checkpoint(res.checkpoint)
     assert meta["input_size"] == list(tiny_cfg.cdkd.low_res_size)
-    assert time.perf_counter() - t0 < 60
 
 
 def test_train_cli_writes_outputs_and_dry_run(tiny_cfg, tmp_path, capsys, synth_root):
