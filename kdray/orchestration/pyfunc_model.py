@@ -10,10 +10,18 @@ and a confidence score. Whole images with boxes: ``kdray predict`` (kdray.infere
 """
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 import numpy as np
 import torch
-from mlflow.pyfunc import PythonModel
+
+# MLflow advises type hints on ``predict`` when the class below is defined (and again when a
+# model of it loads); the model's signature is explicit (tracking.log_pose_model), so the
+# advice is noise on the console.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method",
+                        category=UserWarning)
+from mlflow.pyfunc import PythonModel  # noqa: E402
 
 WEIGHTS = "weights"   # the artifact key that tracking.log_pose_model uses
 
