@@ -90,7 +90,7 @@ def accuracy(backbone, cfg, variant: str, steps: int) -> dict:
     """Mean L_KL over the first and last 20% of ``steps`` real SynthPose batches, fp32 vs
     ``variant``, same initial weights and batches."""
     from kdray.data.dataset import PoseDataset, make_loader, normalize
-    from kdray.stages import load_records
+    from kdray.stage_run import load_records
     train, _, spec = load_records(cfg)
     ds = PoseDataset(train, spec, cfg.data, train=True)
     t = cfg.teacher.train
@@ -123,7 +123,7 @@ def accuracy_fit(cfg, precision: str, epochs: int, persons: int) -> dict:
     import tempfile
 
     from kdray.config import with_overrides
-    from kdray.stages import run_stage
+    from kdray.stage_run import run_stage
     os.environ.setdefault("KDRAY_PROGRESS", "0")
     c = with_overrides(cfg, {"teacher.train.precision": precision,
                              "teacher.train.epochs": epochs, "teacher.train.eval_every": epochs,

@@ -26,7 +26,7 @@ def gcn_costs(config: str, out: Path, epochs: int, persons: int) -> dict:
     import torch
 
     from kdray.config import load_config
-    from kdray.stages import build_frozen_cache, ensure_data, run_stage
+    from kdray.stage_run import build_frozen_cache, ensure_data, run_stage
     torch.set_num_threads(1)
     cfg = load_config(config, [f"data.root={out / 'data'}", "ray.num_workers=0",
                                f"tsd.stage2.train.epochs={epochs}", "tsd.stage2.mode=teacher",

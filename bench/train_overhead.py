@@ -41,7 +41,8 @@ import torch
 
 from kdray.config import load_config, with_overrides
 from kdray.orchestration import ray_train
-from kdray.stages import build_stage
+from kdray.stage_run import build_stage
+from kdray.stages import TSD_STUDENT
 from kdray.train import save_checkpoint
 
 
@@ -60,7 +61,7 @@ def run(side: str, cfg, work: Path, inputs: dict, tag: str) -> tuple[float, list
     if side == "plain":
         res = ray_train._fit_in_process("student", cfg, stage_dir, inputs, None, evaluate=False)
     else:
-        res = ray_train.fit_on_ray("student", cfg, stage_dir, inputs, f"overhead-{tag}",
+        res = ray_train.fit_on_ray(TSD_STUDENT, cfg, stage_dir, inputs, f"overhead-{tag}",
                                    work / "ray_storage", None, evaluate=False)
     return time.perf_counter() - t0, res.history
 

@@ -51,40 +51,38 @@ def _train(args) -> int:
     from kdray.config import load_config
     from kdray.errors import InputError
     from kdray.eval.complexity import complexity
-    from kdray.stages import run_stage, stage_config, stage_inputs
+    from kdray.stage_run import claim_out_dir, kind, run_stage
 
     cfg = load_config(args.config, args.overrides)
-    if args.dry_run and args.stage == "gcn":
-        raise InputError("--dry-run counts a pose model's parameters and GFLOPs; the gcn stage "
-                         "trains an IGP-GCN on a given student: use --stage student")
+    stage = kind(args.stage)
+    if args.dry_run and stage.refined:
+        raise InputError(f"--dry-run counts a pose model's parameters and GFLOPs; the "
+                         f"{stage.name} stage trains an IGP-GCN on a given student: use the "
+                         f"student's stage")
     if args.dry_run:
         from kdray.data.keypoints import spec_for
         from kdray.nn.pose_model import build_pose_model
-        scfg = stage_config(args.stage, cfg)
-        cdkd = args.stage == "cdkd"
-        size = cfg.cdkd.low_res_size if cdkd else cfg.data.input_size
-        model = build_pose_model(scfg.model, spec_for(cfg.data.dataset).num_joints, size,
-                                 cfg.data.split_ratio,
-                                 size_field="cdkd.low_res_size" if cdkd else "data.input_size")
-        print(json.dumps({"stage": args.stage, "backbone": scfg.model.backbone,
+        model_cfg, size = stage.model(cfg), stage.input_size(cfg)
+        model = build_pose_model(model_cfg, spec_for(cfg.data.dataset).num_joints, size,
+                                 cfg.data.split_ratio, size_field=stage.size_key)
+        print(json.dumps({"stage": stage.name, "backbone": model_cfg.backbone,
                           "input_size": list(size), **complexity(model, size)}))
         return 0
     from kdray.progress import ConsoleProgress
-    from kdray.stages import claim_out_dir
     inputs = {k: v for k, v in (("teacher", args.teacher), ("student", args.student)) if v}
-    missing = [f"--{k}" for k in stage_inputs(args.stage, cfg) if k not in inputs]
+    missing = [f"--{k}" for k in stage.inputs(cfg) if k not in inputs]
     if missing:  # before the output dir is claimed or any data is read
-        raise InputError(f"--stage {args.stage} needs {' and '.join(missing)} (a checkpoint file "
-                         f"or folder from an earlier `kdray train`, e.g. "
+        raise InputError(f"--stage {stage.name} needs {' and '.join(missing)} (a checkpoint "
+                         f"file or folder from an earlier `kdray train`, e.g. "
                          f"runs/{missing[0][2:]}/checkpoints/last.pt)")
     out = Path(args.out).resolve()
-    claim_out_dir(args.stage, cfg, out, inputs, overwrite=args.overwrite)  # resume or refuse
-    progress = ConsoleProgress(args.stage)
+    claim_out_dir(stage, cfg, out, inputs, overwrite=args.overwrite)  # resume or refuse
+    progress = ConsoleProgress(stage.name)
     try:
-        result = run_stage(args.stage, cfg, out, inputs, progress=progress)
+        result = run_stage(stage, cfg, out, inputs, progress=progress)
     finally:
         progress.clear()
-    print(json.dumps({"stage": args.stage, "out": str(out), "metrics": result.metrics}))
+    print(json.dumps({"stage": stage.name, "out": str(out), "metrics": result.metrics}))
     return 0
 
 
@@ -203,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML config (default: the built-in defaults, docs/config.md)")
     t.add_argument("--out", default="runs/train",
                    help="output dir: checkpoints, metrics.json, config.yaml (default: %(default)s)")
-    t.add_argument("--stage", choices=("teacher", "student", "gcn", "cdkd"), default="teacher",
-                   help="teacher, TSD stage 1 (student), TSD stage 2 (gcn) or cdkd "
-                        "(default: %(default)s)")
+    # The names of kdray.stages.STAGES (spelled out: importing it loads torch; a test checks).
+    t.add_argument("--stage", choices=("teacher", "student", "gcn", "cdkd", "cdkd_gcn"),
+                   default="teacher",
+                   help="teacher, TSD stage 1 (student), TSD stage 2 (gcn), cdkd, or the CDKD "
+                        "student refined by IGP-GCN (cdkd_gcn) (default: %(default)s)")
     t.add_argument("--teacher", help="teacher checkpoint (student/gcn/cdkd stages)")
     t.add_argument("--student", help="stage-1 student checkpoint (gcn stage)")
     t.add_argument("--dry-run", action="store_true", help="print params and GFLOPs, no training")

@@ -185,9 +185,10 @@ class TSDStage1Config:
 @dataclass(frozen=True)
 class TSDStage2Config:
     """TSD stage 2: IGP-GCN on the frozen student, Eqs. (6)-(7) (docs/methods.md section 2.2)."""
-    mode: str = _f("teacher", choices=("none", "gt", "teacher"),
-                   doc="supervision of the IGP-GCN: the teacher's pose (Table IV s5/s6), the "
-                       "ground truth (row s1), or none (no stage 2; the ablation rows skip it)")
+    mode: str = _f("teacher", choices=("gt", "teacher"),
+                   doc="supervision of the IGP-GCN: the teacher's pose (Table IV s5/s6) or "
+                       "the ground truth (row s1); a run without stage 2 lists the stages it "
+                       "runs instead (configs/ablations.yaml `stages`)")
     hidden: int = _f(128, lo=4, doc="node feature size of the IGP-GCN (OPEC-Net: 128)")
     delta: float = _f(0.3, lo=0.0, doc="weight delta of block 1's loss in TSD Eq. (7)")
     lam: float = _f(0.5, lo=0.0, doc="weight lambda of block 2's loss in TSD Eq. (7)")

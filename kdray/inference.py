@@ -24,12 +24,13 @@ from kdray.nn.refined import RefinedPoseModel, gcn_feature_channels, simcc_logit
 from kdray.train import CheckpointError, load_checkpoint
 
 
-def pose_model_meta(stage: str, cfg, model_cfg: ModelConfig, spec: KeypointSpec,
-                    input_size) -> dict:
-    """What a checkpoint must carry to be rebuilt without the experiment config."""
-    return {"stage": stage, "kind": "refined" if stage == "gcn" else "simcc",
-            "model": to_dict(model_cfg), "dataset": cfg.data.dataset,
-            "num_joints": spec.num_joints, "input_size": [int(v) for v in input_size],
+def pose_model_meta(stage, cfg, spec: KeypointSpec) -> dict:
+    """What a checkpoint of ``stage`` (kdray.stages) must carry to be rebuilt without the
+    experiment config."""
+    return {"stage": stage.name, "kind": "refined" if stage.refined else "simcc",
+            "model": to_dict(stage.model(cfg)), "dataset": cfg.data.dataset,
+            "num_joints": spec.num_joints,
+            "input_size": [int(v) for v in stage.input_size(cfg)],
             "split_ratio": cfg.data.split_ratio, "sigma": cfg.data.sigma,
             "padding": cfg.data.padding, "gcn_hidden": cfg.tsd.stage2.hidden}
 

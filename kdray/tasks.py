@@ -154,37 +154,49 @@ class TSDStage2Task(_Task):
     """TSD stage 2, Eqs. (6)-(7): the IGP-GCN learns on the frozen student.
 
     Supervision: the teacher's pose (``mode='teacher'``) or the ground truth (``'gt'``, Table IV
-    row s1). Only GT-labelled joints count (the mask M of Eq. (6)).
+    row s1). Only GT-labelled joints count (the mask M of Eq. (6)). The student sees ``view``
+    (``image``, or ``image_low`` for a low-resolution CDKD student); the teacher always sees
+    ``image`` and decodes with ``teacher_codec``. Both poses are compared in crop-normalised
+    [0, 1] units, which the two views share (the same warp).
     """
     frozen = ("teacher",)
 
     def __init__(self, student: nn.Module, gcn: IGPGCN, teacher: nn.Module | None,
-                 codec: SimCCCodec, flip_index: list[int], cfg: TSDStage2Config):
+                 codec: SimCCCodec, flip_index: list[int], cfg: TSDStage2Config,
+                 view: str = "image", teacher_codec: SimCCCodec | None = None):
         super().__init__()
         self.model = RefinedPoseModel(freeze(student), gcn, codec, flip_index)
-        self.codec, self.cfg = codec, cfg
+        self.codec, self.cfg, self.view = codec, cfg, view
+        self.teacher_codec = teacher_codec or codec
         self.teacher = freeze(teacher) if teacher is not None else None
         if cfg.mode == "teacher" and teacher is None:
             raise ValueError("stage 2 in mode 'teacher' needs a teacher")
         self.backbone = backbone_name(student)
+        h, w = self.teacher_codec.input_size
+        self.register_buffer("teacher_wh", torch.tensor([float(w), float(h)]), persistent=False)
 
-    def _target(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def teacher_pose(self, images: torch.Tensor) -> torch.Tensor:
+        """The target of Eq. (6) in mode 'teacher': the teacher's decoded pose (B, K, 2) in
+        [0, 1] (``images``: the normalised high-resolution view). The frozen-output cache
+        stores exactly this."""
+        t = self.teacher(images)
+        coords, _ = self.teacher_codec.decode(t["logits_x"].float(), t["logits_y"].float())
+        return coords / self.teacher_wh
+
+    def _target(self, batch: dict) -> torch.Tensor:
         if self.cfg.mode == "gt":
-            return batch["keypoints"] / self.model.wh
-        with torch.no_grad():
-            t = self.teacher(images)
-            coords, _ = self.codec.decode(t["logits_x"].float(), t["logits_y"].float())
-        return coords / self.model.wh
+            return batch["keypoints"] / self.teacher_wh
+        return self.teacher_pose(normalize(batch["image"]))
 
     def forward(self, batch: dict, progress) -> dict:
         if "p_init" in batch:  # the frozen networks' outputs, read from kdray.data.frozen_cache
             poses = self.model.refine_from(batch["p_init"], cached_feats(batch))["poses"]
             target = (batch["teacher_xy"] if self.cfg.mode == "teacher"
-                      else batch["keypoints"] / self.model.wh)
+                      else batch["keypoints"] / self.teacher_wh)
         else:
-            images = normalize(batch["image"])
-            poses = self.model.refine(images, flip_test=False)["poses"]
-            target = self._target(batch, images)
+            poses = self.model.refine(normalize(batch[self.view]), flip_test=False)["poses"]
+            target = self._target(batch)
         mask = batch["target_weight"] > 0
         blocks = [tsd.gcn_block_loss(p, target, mask) for p in poses]
         loss = tsd.stage2_loss(blocks, (self.cfg.delta, self.cfg.lam, self.cfg.xi))
@@ -193,7 +205,7 @@ class TSDStage2Task(_Task):
     @torch.no_grad()
     def predict(self, batch: dict, flip_test: bool = True) -> dict:
         out = (self.model.refine_from(batch["p_init"], cached_feats(batch)) if "p_init" in batch
-               else self.model.refine(normalize(batch["image"]), flip_test=flip_test))
+               else self.model.refine(normalize(batch[self.view]), flip_test=flip_test))
         return {"coords": out["poses"][-1] * self.model.wh,
                 "scores": out["scores"], "coords_init": out["coords_init"]}
 
@@ -208,10 +220,15 @@ class CDKDTask(_Task):
     """
     frozen = ("teacher",)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, codec_low: SimCCCodec,
-                 flip_index: list[int], cfg: CDKDConfig, teacher_feat_hw: tuple[int, int]):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, codec_low: SimCCCodec,
+                 flip_index: list[int], cfg: CDKDConfig,
+                 teacher_feat_hw: tuple[int, int] | None):
         super().__init__()
-        self.model, self.teacher, self.codec, self.cfg = student, freeze(teacher), codec_low, cfg
+        if teacher is None and (cfg.feature_loss or cfg.logit_loss):
+            raise ValueError("CDKD with distillation terms needs a teacher")
+        # No teacher: the low-resolution student trained alone (the CDKD tables' baseline).
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.model, self.codec, self.cfg = student, codec_low, cfg
         self.flip_index = flip_index
         self.backbone = backbone_name(student)
         self.sape = (SAPE(student.feat_channels[-1], teacher.feat_channels[-1], teacher_feat_hw,

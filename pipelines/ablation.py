@@ -37,13 +37,14 @@ from kdray.orchestration import tracking
 from kdray.orchestration.ablation import (bar_chart, load_table, markdown, plan, run_table,
                                           summarise)
 from kdray.orchestration.pipeline import Pipeline, log, parse_args, primary_metric, stage_key
+from kdray.stages import TEACHER
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("ablation", argv, __doc__, _options)
     table = {**load_table(args.table), "name": args.table}
     with Pipeline(f"ablation-{args.table}", cfg, args) as p:
-        teacher_key = stage_key("teacher", p.cfg, {})
+        teacher_key = stage_key(TEACHER, p.cfg, {})
         counts = plan(table, p.cfg, args.seeds, teacher_key)
         log(f"{args.table}: {len(table['rows'])} rows x {args.seeds} seeds = "
             f"{counts['trials']} trials -> {counts['stage_runs']} stage runs with the stage "

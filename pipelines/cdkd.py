@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("cdkd", argv, __doc__)
     # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
     from kdray.orchestration.pipeline import Pipeline, primary_metric
+    from kdray.stages import CDKD_STUDENT
     with Pipeline("cdkd", cfg, args, stages=2) as p:
         teacher = p.teacher(args.teacher)                          # trained once, or given
-        student = p.stage("cdkd", teacher=teacher)                 # low-res student
+        student = p.stage(CDKD_STUDENT, teacher=teacher)           # low-res student
 
         m = primary_metric(p.cfg)
         name = m.removeprefix("val_")

@@ -39,8 +39,8 @@ from kdray.config import dump_yaml, with_overrides
 from kdray.orchestration import tracking
 from kdray.orchestration.pipeline import Pipeline, parse_args, primary_metric, stage_key
 from kdray.orchestration.search_space import load_space
-from kdray.stages import stage_inputs
-from kdray.orchestration.tune import frozen_outputs, sweep, uses_frozen_cache
+from kdray.stages import TEACHER, TSD_REFINED, TSD_STUDENT
+from kdray.orchestration.tune import close_trial_runs, frozen_outputs, sweep, uses_frozen_cache
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
         tracking.log_artifacts(p.uri, p.run_id, [Path(args.space)])
 
         inputs = {}                                    # upstream stages, trained once
-        if space.stage != "teacher":
+        if space.stage is not TEACHER:
             inputs["teacher"] = p.teacher(args.teacher)
-        if space.stage == "gcn":
-            inputs["student"] = p.stage("student", label="stage1", teacher=inputs["teacher"])
+        if space.stage is TSD_REFINED:
+            inputs["student"] = p.stage(TSD_STUDENT, label="stage1", teacher=inputs["teacher"])
         frozen = frozen_outputs(p, inputs) if uses_frozen_cache(space) else ""
 
         t0 = time.perf_counter()
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                         resume=bool(previous), seed=args.seed)
         wall = time.perf_counter() - t0
 
-        trials = _close_trial_runs(p, results)
+        trials = close_trial_runs(p, results)
         table = p.out / "trials.csv"
         results.get_dataframe().to_csv(table, index=False)
         best = results.get_best_result(metric, "max")
@@ -97,45 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                      for k, t in trials.items()}})
 
 
-def _close_trial_runs(p: Pipeline, results) -> dict[str, dict]:
-    """Per trial: its MLflow run, training seconds, attempts; runs that ASHA stopped mid-way
-    are closed here (the trial function never got to)."""
-    from mlflow.tracking import MlflowClient
-    from kdray.orchestration.tune import read_attempts
-    client, trials = MlflowClient(p.uri), {}
-    for r in results:
-        tid = r.metrics.get("trial_id") or Path(r.path).name.split("_")[2]
-        tdir = p.out / "trials" / tid
-        marker = tdir / "mlflow_run_id"
-        run_id = marker.read_text().strip() if marker.exists() else ""   # "" = failed early
-        finished = (tdir / "result.json").exists()
-        if r.error is not None:
-            tracking.warn(f"trial {tid} failed: {str(r.error).splitlines()[-1][:300]}")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            tracking.set_tags(p.uri, run_id, {"kdray.early_stopped": "true"})
-            tracking.end_run(p.uri, run_id, "KILLED")
-        trials[tid] = {"run_id": run_id, "dir": tdir, "finished": finished,
-                       "train_seconds": float(r.metrics.get("train_seconds", 0.0)),
-                       "attempts": len(read_attempts(tdir))}
-    # A sweep killed mid-trial can leave a child run for a trial its last saved Tune state did
-    # not hold yet; the resumed sweep samples a replacement, so that run is closed as orphaned.
-    known = {t["run_id"] for t in trials.values()}
-    for run in client.search_runs([p.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{p.run_id}'"):
-        if "kdray.trial_id" in run.data.tags and run.info.run_id not in known:
-            tracking.set_tags(p.uri, run.info.run_id, {"kdray.orphaned": "true"})
-            if run.info.status == "RUNNING":
-                tracking.end_run(p.uri, run.info.run_id, "KILLED")
-    return trials
-
-
-def _register_candidate(p: Pipeline, stage: str, cfg, inputs: dict, trial: dict, metric: str,
+def _register_candidate(p: Pipeline, stage, cfg, inputs: dict, trial: dict, metric: str,
                         value: float) -> str:
     """The best trial's model, registered under the stage's name with alias `candidate`."""
     if not p.cfg.tracking.register:
         return ""
-    key = stage_key(stage, cfg, {n: inputs[n].key for n in stage_inputs(stage, cfg)})
-    name = tracking.MODEL_NAMES[stage]
+    key = stage_key(stage, cfg, {n: inputs[n].key for n in stage.inputs(cfg)})
+    name = stage.model_name
     model_uri = None
     if tracking.find_version(p.uri, name, key) is None:
         with tempfile.TemporaryDirectory(prefix="kdray-export-") as tmp:
@@ -143,8 +111,10 @@ def _register_candidate(p: Pipeline, stage: str, cfg, inputs: dict, trial: dict,
                                                 trial["dir"] / "checkpoints" / "last.pt",
                                                 tmp).model_uri
     val_set = tracking.file_hash(Path(p.cfg.data.root) / p.cfg.data.val_ann)
-    reg = tracking.register(p.uri, stage, model_uri, run_id=trial["run_id"], stage_key=key,
-                            val_set=val_set, metric=metric, value=float(value), promote=False)
+    reg = tracking.register(p.uri, name, model_uri, run_id=trial["run_id"], stage_key=key,
+                            val_set=val_set, metric=metric, value=float(value), promote=False,
+                            model_description=stage.description,
+                            description=f"best trial of the sweep {p.out}")
     return f"models:/{reg['name']}/{reg['version']}"
 
 

@@ -22,11 +22,12 @@ def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("two_stage", argv, __doc__)
     # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
     from kdray.orchestration.pipeline import Pipeline, baseline_config, primary_metric
+    from kdray.stages import TSD_REFINED, TSD_STUDENT
     with Pipeline("two_stage", cfg, args, stages=4) as p:
         teacher = p.teacher(args.teacher)                          # trained once, or given
-        stage1 = p.stage("student", label="stage1", teacher=teacher)          # S4: TSD stage 1
-        stage2 = p.stage("gcn", label="stage2", teacher=teacher, student=stage1)  # S6: IGP-GCN
-        baseline = p.stage("student", baseline_config(p.cfg), label="baseline")  # no KD
+        stage1 = p.stage(TSD_STUDENT, label="stage1", teacher=teacher)        # S4: TSD stage 1
+        stage2 = p.stage(TSD_REFINED, label="stage2", teacher=teacher, student=stage1)  # S6
+        baseline = p.stage(TSD_STUDENT, baseline_config(p.cfg), label="baseline")  # no KD
 
         # Evaluation: every stage was scored on the same val set at its last epoch.
         m = primary_metric(p.cfg)

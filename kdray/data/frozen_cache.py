@@ -65,16 +65,18 @@ def ensure_cache(cache_dir: str | Path, task, train_ds: PoseDataset, val_ds: Pos
         sampler.set_epoch(epoch)
         keys = sorted(iter(sampler))          # (index, item_seed), in index order
         _write(epoch_shard(cache_dir, epoch),
-               _outputs(model, teacher, train_ds, keys, False, batch_size, num_workers))
+               _outputs(task, teacher, train_ds, keys, False, batch_size, num_workers))
     if not (cache_dir / "val.parquet").exists():
         keys = [(i, 0) for i in range(len(val_ds))]
         _write(cache_dir / "val.parquet",
-               _outputs(model, None, val_ds, keys, flip_test, batch_size, num_workers))
+               _outputs(task, None, val_ds, keys, flip_test, batch_size, num_workers))
     return cache_dir
 
 
-def _outputs(model, teacher, ds, keys, flip_test, batch_size, num_workers) -> dict:
-    """Run the frozen networks over ``ds[key]`` for ``keys``: numpy columns."""
+def _outputs(task, teacher, ds, keys, flip_test, batch_size, num_workers) -> dict:
+    """Run the frozen networks of ``task`` (a TSDStage2Task) over ``ds[key]`` for ``keys``:
+    numpy columns; the teacher's pose only when ``teacher`` is given."""
+    model = task.model
     loader = DataLoader(ds, batch_size=batch_size, sampler=keys, num_workers=num_workers)
     cols: dict[str, list] = {}
     for batch in loader:
@@ -84,10 +86,8 @@ def _outputs(model, teacher, ds, keys, flip_test, batch_size, num_workers) -> di
                "target_weight": batch["target_weight"], "center": batch["center"],
                "scale": batch["scale"], "index": batch["index"]}
         out.update({name: f for name, f in zip(FEATS, frozen["feats"])})
-        if teacher is not None:  # TSDStage2Task._target in mode 'teacher'
-            t = teacher(images)
-            coords, _ = model.codec.decode(t["logits_x"].float(), t["logits_y"].float())
-            out["teacher_xy"] = coords / model.wh
+        if teacher is not None:  # the target of stage 2 in mode 'teacher'
+            out["teacher_xy"] = task.teacher_pose(images)
         for k, v in out.items():
             cols.setdefault(k, []).append(v.float().numpy() if k != "index" else v.numpy())
     data = {k: np.concatenate(v) for k, v in cols.items()}

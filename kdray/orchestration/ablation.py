@@ -1,7 +1,8 @@
 """The papers' ablation tables as Ray Tune grids: rows (configs/ablations.yaml) x seeds.
 
-Each (row, seed) is one Tune trial that runs the row's pipeline (TSD: stage 1, then stage 2
-unless the row has none; CDKD: the CDKD student) through the same cached stages as
+Each (row, seed) is one Tune trial that runs the row's stages (its ``stages`` in
+configs/ablations.yaml: TSD stage 1, then stage 2 unless the row lists only stage 1; the CDKD
+student) through the same cached stages as
 pipelines/two_stage.py and pipelines/cdkd.py. Rows that share a stage share its cache entry:
 Table IV's s4 and s6 train one stage-1 student, baseline, s1 and s5 one undistilled student; a
 stage wanted by two trials at once is trained by the first and reused by the second (a file
@@ -18,13 +19,12 @@ from pathlib import Path
 
 import yaml
 
-from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
+from kdray.config import ConfigError, ExperimentConfig, from_dict, to_dict, with_overrides
 from kdray.orchestration import ray_train, tracking
 from kdray.orchestration.pipeline import Pipeline, StageResult, primary_metric, stage_key
-from kdray.stages import stage_inputs
+from kdray.stages import STAGES, Stage
 
 TABLES_FILE = Path(__file__).resolve().parents[2] / "configs" / "ablations.yaml"
-SEED_KEYS = ("student.train.seed", "tsd.stage2.train.seed", "cdkd.student.train.seed")
 
 
 def load_table(name: str, path: str | Path = TABLES_FILE) -> dict:
@@ -43,22 +43,31 @@ def row_config(cfg: ExperimentConfig, table: dict, row: str, seed: int) -> Exper
     return with_overrides(cfg, {k: v + seed for k, v in base.items()})
 
 
-def row_stages(pipeline: str, cfg: ExperimentConfig, teacher_key: str) -> list[tuple[str, str]]:
-    """The (stage, key) pairs a row runs after the teacher: what the stage cache dedupes."""
-    if pipeline == "cdkd":
-        return [("cdkd", stage_key("cdkd", cfg, {"teacher": teacher_key}))]
-    keys = {"teacher": teacher_key}
-    keys["student"] = stage_key("student", cfg, {n: keys[n] for n in
-                                                 stage_inputs("student", cfg)})
-    out = [("student", keys["student"])]
-    if cfg.tsd.stage2.mode != "none":
-        out.append(("gcn", stage_key("gcn", cfg, {n: keys[n] for n in stage_inputs("gcn", cfg)})))
+def row_kinds(table: dict, row: str) -> list[Stage]:
+    """The stage kinds a row trains after the teacher: the row's ``stages``, else the table's."""
+    names = table["rows"][row].get("stages", table["stages"])
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ConfigError(f"ablations.yaml: {row}: stages: unknown {unknown}; known: "
+                          f"{', '.join(STAGES)}")
+    return [STAGES[n] for n in names]
+
+
+def row_stages(kinds: list[Stage], cfg: ExperimentConfig,
+               teacher_key: str) -> list[tuple[str, str]]:
+    """The (stage, key) pairs a row runs after the teacher: what the stage cache dedupes.
+    Each stage's ``student`` input is the stage before it."""
+    keys, out = {"teacher": teacher_key}, []
+    for stage in kinds:
+        key = stage_key(stage, cfg, {n: keys[n] for n in stage.inputs(cfg)})
+        out.append((stage.name, key))
+        keys["student"] = key
     return out
 
 
 def plan(table: dict, cfg: ExperimentConfig, seeds: int, teacher_key: str) -> dict:
     """How many stage runs the table takes with the stage cache, and without it."""
-    per_trial = [row_stages(table["pipeline"], row_config(cfg, table, r, s), teacher_key)
+    per_trial = [row_stages(row_kinds(table, r), row_config(cfg, table, r, s), teacher_key)
                  for r in table["rows"] for s in range(seeds)]
     unique = {st for stages in per_trial for st in stages}
     return {"trials": len(per_trial), "stage_runs": len(unique) + 1,       # + the teacher
@@ -85,13 +94,11 @@ def run_row(config: dict, ctx: dict) -> None:
                                         "kdray.table": table["name"]})
     tracking.log_params(p.uri, p.run_id, {k: str(v) for k, v in table["rows"][row]["set"].items()})
     teacher = StageResult(**ctx["teacher"])
+    results = {"teacher": teacher}
     try:
-        if table["pipeline"] == "cdkd":
-            final = p.stage("cdkd", teacher=teacher)
-        else:
-            final = p.stage("student", label="stage1", teacher=teacher)
-            if cfg.tsd.stage2.mode != "none":
-                final = p.stage("gcn", label="stage2", teacher=teacher, student=final)
+        for stage in row_kinds(table, row):   # each stage's student is the one before it
+            final = results["student"] = p.stage(
+                stage, **{n: results[n] for n in stage.inputs(cfg)})
     except BaseException:
         tracking.end_run(p.uri, p.run_id, "FAILED")
         raise

@@ -35,7 +35,8 @@ from kdray.orchestration.args import parse_args  # noqa: F401 (the pipelines' im
 from kdray.console import log
 from kdray.orchestration import ray_train, tracking
 from kdray.progress import ConsoleProgress, clock
-from kdray.stages import METRIC, ensure_data, stage_inputs, stage_sections
+from kdray.stage_run import METRIC, ensure_data
+from kdray.stages import STAGES, TEACHER, Stage
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,11 @@ class StageResult:
 
 # ----------------------------------------------------------------------------- keys
 
-def stage_key(stage: str, cfg: ExperimentConfig, input_keys: dict[str, str]) -> str:
+def stage_key(stage: Stage, cfg: ExperimentConfig, input_keys: dict[str, str]) -> str:
     """Hash of the stage's sections, the data config and its inputs' keys (not the whole config:
     loader workers, tracking and Ray settings do not change what a stage produces)."""
     data = dataclasses.replace(cfg.data, num_workers=0)
-    return config_hash(stage, *stage_sections(stage, cfg).values(), data,
+    return config_hash(stage.name, *stage.sections(cfg).values(), data,
                        dict(sorted(input_keys.items())))
 
 
@@ -159,20 +160,20 @@ class Pipeline:
                 f"{', '.join(closed)}")
 
     # -- stages ------------------------------------------------------------------------------
-    def stage(self, stage: str, cfg: ExperimentConfig | None = None, label: str | None = None,
+    def stage(self, stage: Stage, cfg: ExperimentConfig | None = None, label: str | None = None,
               **inputs: StageResult) -> StageResult:
         """Run ``stage`` (or reuse it); ``inputs`` are upstream results (teacher=, student=)."""
         cfg = resolve_config(cfg, self.storage) if cfg is not None else self.cfg
-        label = label or stage
-        needed = stage_inputs(stage, cfg)
+        label = label or stage.name
+        needed = stage.inputs(cfg)
         missing = [n for n in needed if n not in inputs]
         if missing:
             raise ValueError(f"stage {label!r} needs {missing}")
         used = {n: inputs[n] for n in needed}  # e.g. the baseline ignores a given teacher
         key = stage_key(stage, cfg, {n: r.key for n, r in used.items()})
-        stage_dir = self.cache / f"{stage}-{key}"
+        stage_dir = self.cache / f"{stage.name}-{key}"
         self._index = len(self.results) + 1
-        with _lock(self.cache / f"{stage}-{key}.lock"):
+        with _lock(self.cache / f"{stage.name}-{key}.lock"):
             done = _read_marker(stage_dir)
             if done is not None:
                 result = self._reuse(label, done)
@@ -194,19 +195,20 @@ class Pipeline:
 
     def _train(self, stage, label, cfg, key, stage_dir, used) -> StageResult:
         resumed = (stage_dir / "attempts.jsonl").exists()
-        log(f"{self._head(label)}: {'resuming' if resumed else 'training'} stage {stage} "
+        log(f"{self._head(label)}: {'resuming' if resumed else 'training'} stage {stage.name} "
             f"(key {key}) in {stage_dir}")
         self._stage_t0 = time.monotonic()
         progress = ConsoleProgress(label, self._index, self.planned, self._rest)
         run_id = tracking.start_run(self.uri, self.experiment_id, label, parent_id=self.run_id,
-                                    tags={"kdray.stage": stage, "kdray.stage_key": key,
+                                    tags={"kdray.stage": stage.name, "kdray.stage_key": key,
                                           "kdray.label": label})
         tracking.log_params(self.uri, run_id, flatten(cfg))
         t0 = time.perf_counter()
         try:
             fit = ray_train.train_stage(stage, cfg, stage_dir,
                                         {n: r.checkpoint for n, r in used.items()},
-                                        run_name=f"{stage}-{key}", storage_path=self.ray_storage,
+                                        run_name=f"{stage.name}-{key}",
+                                        storage_path=self.ray_storage,
                                         mlflow=(self.uri, run_id), progress=progress)
             progress.clear()
             wall = time.perf_counter() - t0
@@ -223,8 +225,8 @@ class Pipeline:
                              "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         tracking.end_run(self.uri, run_id)
-        self._child_runs[(stage, key)] = run_id
-        result = StageResult(stage, key, str(fit.checkpoint), run_id, fit.metrics,
+        self._child_runs[(stage.name, key)] = run_id
+        result = StageResult(stage.name, key, str(fit.checkpoint), run_id, fit.metrics,
                              str(stage_dir), wall)
         _write_marker(stage_dir, result)
         log(f"{self._head(label)}: done in {clock(wall)}, {_brief(result.metrics)}")
@@ -246,7 +248,7 @@ class Pipeline:
         """The teacher: trained (once per teacher config), or a checkpoint path or
         ``models:/NAME@ALIAS`` given on the command line."""
         if not given:
-            return self.stage("teacher")
+            return self.stage(TEACHER)
         metrics: dict = {}
         if given.startswith("models:/"):
             path = tracking.download_weights(given, self.out / "given_teacher", self.uri)
@@ -283,7 +285,8 @@ class Pipeline:
         if not isinstance(value, (int, float)):
             log(f"{result.stage}: no {metric} to rank it by; not registered")
             return None
-        name = tracking.MODEL_NAMES[result.stage]
+        kind = STAGES[result.stage]   # the marker on disk holds the stage's name
+        name = kind.model_name
         model_uri = None
         if tracking.find_version(self.uri, name, result.key) is None:
             with tempfile.TemporaryDirectory(prefix="kdray-export-") as tmp:
@@ -293,11 +296,12 @@ class Pipeline:
             model_uri = info.model_uri
         data = self.cfg.data
         val_set = tracking.file_hash(Path(data.root) / data.val_ann)
-        reg = tracking.register(self.uri, result.stage, model_uri, run_id=result.run_id,
+        reg = tracking.register(self.uri, name, model_uri, run_id=result.run_id,
                                 stage_key=result.key, val_set=val_set, metric=metric,
-                                value=float(value), description=(
-                                    f"{self.name} pipeline, stage {result.stage} "
-                                    f"({result.out_dir}); data {data.dataset} at {data.root}"))
+                                value=float(value), model_description=kind.description,
+                                description=(f"{self.name} pipeline, stage {result.stage} "
+                                             f"({result.out_dir}); data {data.dataset} at "
+                                             f"{data.root}"))
         self.registered[name] = reg
         log(f"registered {name} version {reg['version']} ({metric} {value:.2f})"
             f"{', champion' if reg['champion'] else ''}")

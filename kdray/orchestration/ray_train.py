@@ -1,6 +1,6 @@
 """Run one stage on Ray Train workers (TorchTrainer), or in-process with ``ray.num_workers: 0``.
 
-The per-worker function only builds the stage (kdray.stages.build_stage), prepares the model
+The per-worker function only builds the stage (kdray.stage_run.build_stage), prepares the model
 and the loader for this rank (``prepare_model``, ``prepare_data_loader``) and calls the plain
 :func:`kdray.train.fit` with a report callback: each epoch rank 0 hands Ray the epoch's
 checkpoint (``ray.train.report`` is a barrier, so every rank calls it; only rank 0 writes and
@@ -92,14 +92,6 @@ def shutdown_ray() -> None:
         _started_ray = False
 
 
-def train_seed(stage: str, cfg: ExperimentConfig) -> int:
-    """The stage's seed. The networks are seeded before they are built, so the initial weights
-    do not depend on what ran earlier in the process (a Ray worker vs the plain loop)."""
-    from kdray.stages import stage_config
-    scfg = stage_config(stage, cfg)
-    return getattr(scfg, "train", scfg).seed
-
-
 def _use_gpu(cfg: ExperimentConfig) -> bool:
     if cfg.ray.use_gpu != "auto":
         return cfg.ray.use_gpu == "yes"
@@ -107,7 +99,7 @@ def _use_gpu(cfg: ExperimentConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def train_stage(stage: str, cfg: ExperimentConfig, stage_dir: str | Path, inputs: dict[str, str],
+def train_stage(stage, cfg: ExperimentConfig, stage_dir: str | Path, inputs: dict[str, str],
                 run_name: str, storage_path: str | Path, mlflow: tuple[str, str] | None = None,
                 evaluate: bool = True, progress=None) -> FitResult:
     """Fit one stage: in-process when ``cfg.ray.num_workers == 0``, else on Ray Train.
@@ -128,17 +120,18 @@ def train_stage(stage: str, cfg: ExperimentConfig, stage_dir: str | Path, inputs
 
 def _fit_in_process(stage, cfg, stage_dir, inputs, mlflow, evaluate, progress=None) -> FitResult:
     """The plain loop; it resumes from ``stage_dir/checkpoints/last.pt`` by itself."""
-    from kdray.stages import build_stage
-    seed_everything(train_seed(stage, cfg))
+    from kdray.stage_run import build_stage
+    seed_everything(stage.seed(cfg))
     built = build_stage(stage, cfg, inputs)
     start = _start_epoch(stage_dir / "checkpoints" / "last.pt")
     _log_attempt(stage_dir, start, world_size=0)
-    report = _reporter(mlflow, rank=0, world=1, fault=_fault_from_env(stage), ray_report=None)
+    report = _reporter(mlflow, rank=0, world=1, fault=_fault_from_env(stage.name),
+                       ray_report=None)
     return fit(built.task, built.train_loader, built.train_cfg, stage_dir,
                built.evaluate if evaluate else None, report=report, on_progress=progress)
 
 
-def fit_on_ray(stage: str, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, str],
+def fit_on_ray(stage, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, str],
                run_name: str, storage_path: str | Path, mlflow=None,
                evaluate: bool = True, callbacks: list | None = None,
                progress=None) -> FitResult:
@@ -155,7 +148,7 @@ def fit_on_ray(stage: str, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[
     loop_config = {"stage": stage, "run_name": run_name, "cfg": to_dict(cfg),
                    "inputs": dict(inputs),
                    "stage_dir": str(stage_dir),
-                   "evaluate": evaluate, "threads": threads, "fault": _fault_from_env(stage),
+                   "evaluate": evaluate, "threads": threads, "fault": _fault_from_env(stage.name),
                    "progress": None}
     trainer = TorchTrainer(
         _worker, train_loop_config=loop_config,
@@ -169,7 +162,7 @@ def fit_on_ray(stage: str, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[
         loop_config["progress"] = queue
         result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"stage {stage}: Ray Train finished without a checkpoint")
+        raise RuntimeError(f"stage {stage.name}: Ray Train finished without a checkpoint")
     ckpt_dir = stage_dir / "checkpoints"
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
@@ -239,14 +232,14 @@ def _worker(config: dict) -> None:
     import ray.train.torch
 
     from kdray.data.dataset import make_loader
-    from kdray.stages import build_stage
+    from kdray.stage_run import build_stage
     from kdray.train import fast_paths
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     cfg = from_dict(config["cfg"], "<ray worker>")
-    seed_everything(train_seed(config["stage"], cfg))
+    seed_everything(config["stage"].seed(cfg))
     built = build_stage(config["stage"], cfg, config["inputs"])
     t = built.train_cfg
     device = ray.train.torch.get_device()

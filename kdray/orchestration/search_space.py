@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from kdray.config import ConfigError, ExperimentConfig, get_dotted, read_yaml, with_overrides
+from kdray.stages import STAGES, Stage
 
 KINDS = ("loguniform", "uniform", "int", "choice", "grid")
-STAGES = ("teacher", "student", "gcn", "cdkd")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Param:
 @dataclass(frozen=True)
 class SearchSpace:
     file: str
-    stage: str
+    stage: Stage                   # the stage kind each trial trains
     metric: str                    # "" = the dataset's primary metric
     params: tuple[Param, ...]
 
@@ -136,7 +136,7 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
         raise ConfigError(f"{source}: metric: {metric!r} is not a metric the {stage} stage "
                           f"reports on {base.data.dataset} (higher is better): one of "
                           f"{', '.join(reported)}")
-    return SearchSpace(source, stage, str(metric), tuple(params))
+    return SearchSpace(source, STAGES[stage], str(metric), tuple(params))
 
 
 def reported_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ it relies on: docs/operations.md, "MLflow 3.17").
   pipeline and output dir (KILLED, tag ``kdray.orphaned``).
 - Models: a pyfunc "model from code" (kdray/orchestration/pyfunc_model.py) whose artifact is a
   kdray checkpoint (``state_dict`` + ``meta``) read with ``torch.load(weights_only=True)``;
-  never a pickle. Registered under :data:`MODEL_NAMES` with aliases ``candidate`` (every new
+  never a pickle. Registered under the stage's ``model_name`` (kdray.stages) with aliases ``candidate`` (every new
   version) and ``champion`` (moved only when a version beats the champion on the same val set).
 """
 from __future__ import annotations
@@ -45,13 +45,6 @@ class RegistryError(ConfigError, LookupError):
     store's concurrent writers start faster.)"""
 
 
-MODEL_NAMES = {"teacher": "kdray-teacher", "student": "kdray-tsd-student",
-               "gcn": "kdray-tsd-refined", "cdkd": "kdray-cdkd-student"}
-MODEL_DESCRIPTIONS = {
-    "teacher": "kdray teacher: a SimCC pose model trained on ground truth.",
-    "student": "kdray TSD stage-1 student: distilled from the teacher (features, pose, structure).",
-    "gcn": "kdray TSD stage-2 model: the frozen stage-1 student refined by IGP-GCN.",
-    "cdkd": "kdray CDKD student: a low-resolution model distilled from a high-resolution teacher."}
 CANDIDATE, CHAMPION = "candidate", "champion"
 WEIGHTS_FILE = "model.pt"
 
@@ -346,16 +339,15 @@ def find_version(uri: str, name: str, stage_key: str) -> str | None:
     return str(max(int(v.version) for v in found)) if found else None
 
 
-def register(uri: str, stage: str, model_uri: str | None, *, run_id: str, stage_key: str,
+def register(uri: str, name: str, model_uri: str | None, *, run_id: str, stage_key: str,
              val_set: str, metric: str, value: float, promote: bool = True,
-             description: str = "") -> dict:
+             description: str = "", model_description: str = "") -> dict:
     """Register a logged model; alias ``candidate``; ``champion`` if it beats the champion
     (never with ``promote=False``: a sweep's best trial stays a candidate).
 
     The champion is compared on the same val set only (tag ``val_set``, a hash of the val
     annotations): a version scored on other data neither replaces it nor is replaced.
     """
-    name = MODEL_NAMES[stage]
     client = MlflowClient(uri, registry_uri=uri)
     version = find_version(uri, name, stage_key)
     if version is None:                # else: the same stage output was registered before
@@ -367,11 +359,11 @@ def register(uri: str, stage: str, model_uri: str | None, *, run_id: str, stage_
                 "stage_key": stage_key, "val_set": val_set, "metric": metric,
                 "metric_value": repr(float(value)), "run_id": run_id})
         version = mv.version
-        text = description or f"kdray {stage} stage {stage_key}"
+        text = description or f"kdray stage {stage_key}"
         _retry(client.update_model_version, name, version,
                f"{text}; {metric} {value:.2f} on val set {val_set}; stage key {stage_key}")
         if not _retry(client.get_registered_model, name).description:
-            _retry(client.update_registered_model, name, MODEL_DESCRIPTIONS.get(stage, ""))
+            _retry(client.update_registered_model, name, model_description)
     version = str(version)
     _retry(client.set_registered_model_alias, name, CANDIDATE, version)
     champion = _alias_version(client, name, CHAMPION)

@@ -21,6 +21,7 @@ from pathlib import Path
 from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
 from kdray.orchestration import ray_train, tracking
 from kdray.orchestration.search_space import SearchSpace, define_by_run
+from kdray.stages import TSD_REFINED
 
 # A GCN trial can read the frozen networks' cached outputs unless it changes what they are.
 FROZEN_CHANGERS = ("data.", "teacher.", "student.", "tsd.stage1.", "tsd.stage2.mode",
@@ -29,7 +30,7 @@ FROZEN_CHANGERS = ("data.", "teacher.", "student.", "tsd.stage1.", "tsd.stage2.m
 
 
 def uses_frozen_cache(space: SearchSpace) -> bool:
-    return space.stage == "gcn" and not any(p.key.startswith(FROZEN_CHANGERS)
+    return space.stage is TSD_REFINED and not any(p.key.startswith(FROZEN_CHANGERS)
                                             for p in space.params)
 
 
@@ -58,9 +59,9 @@ def frozen_outputs(p, inputs: dict) -> Path:
 
     from kdray.config import config_hash
     from kdray.orchestration.pipeline import _lock
-    from kdray.stages import build_frozen_cache, stage_inputs
+    from kdray.stage_run import build_frozen_cache
     cfg, t = p.cfg, p.cfg.tsd.stage2.train
-    used = {n: inputs[n] for n in stage_inputs("gcn", cfg)}
+    used = {n: inputs[n] for n in TSD_REFINED.inputs(cfg)}
     key = config_hash("frozen", dataclasses.replace(cfg.data, num_workers=0),
                       {n: r.key for n, r in sorted(used.items())}, t.seed, t.flip_test)
     path = p.cache / f"frozen-{key}"
@@ -93,8 +94,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     _append(tdir / "attempts.jsonl", {"time": time.time(), "pid": os.getpid()})
     run_id = _trial_run(ctx, tdir, trial_id, cfg, config)
     torch.set_num_threads(max(1, int(ctx["cpus_per_trial"])))
-    from kdray.stages import stage_inputs
-    inputs = {n: ctx["inputs"][n] for n in stage_inputs(space.stage, cfg)}
+    inputs = {n: ctx["inputs"][n] for n in space.stage.inputs(cfg)}
     # training seconds over all of the trial's attempts (a resumed trial adds to them)
     seconds_file = tdir / "train_seconds"
     before = float(seconds_file.read_text()) if seconds_file.exists() else 0.0
@@ -114,14 +114,14 @@ def run_trial(config: dict, ctx: dict) -> None:
 
     if cfg.ray.num_workers > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
-        cfg = with_overrides(cfg, {_eval_every_key(space.stage): 1})  # every report has it
+        cfg = with_overrides(cfg, {f"{space.stage.train_key}.eval_every": 1})  # every report
         result = ray_train.fit_on_ray(space.stage, cfg, tdir, inputs, f"train-{trial_id}",
                                    tdir / "ray", (ctx["uri"], run_id),
                                    callbacks=[TuneReportCallback()])
     else:
-        from kdray.stages import build_stage
+        from kdray.stage_run import build_stage
         from kdray.train import fit, seed_everything
-        seed_everything(ray_train.train_seed(space.stage, cfg))
+        seed_everything(space.stage.seed(cfg))
         built = build_stage(space.stage, cfg, inputs, frozen=ctx["frozen"] or None)
         result = fit(built.task, built.train_loader, built.train_cfg, tdir, built.evaluate,
                   report=report)  # resumes from tdir/checkpoints/last.pt by itself
@@ -135,12 +135,6 @@ def run_trial(config: dict, ctx: dict) -> None:
     tracking.end_run(ctx["uri"], run_id)
 
 
-def _eval_every_key(stage: str) -> str:
-    return {"teacher": "teacher.train.eval_every", "student": "student.train.eval_every",
-            "gcn": "tsd.stage2.train.eval_every",
-            "cdkd": "cdkd.student.train.eval_every"}[stage]
-
-
 def _trial_run(ctx: dict, tdir: Path, trial_id: str, cfg, sampled: dict) -> str:
     """The trial's MLflow child run: created once, reused when the trial is resumed."""
     marker = tdir / "mlflow_run_id"
@@ -151,7 +145,7 @@ def _trial_run(ctx: dict, tdir: Path, trial_id: str, cfg, sampled: dict) -> str:
     from kdray.config import flatten
     run_id = tracking.start_run(ctx["uri"], ctx["experiment_id"], f"trial-{trial_id}",
                                 parent_id=ctx["parent_run_id"],
-                                tags={"kdray.trial_id": trial_id, "kdray.stage": ctx["space"].stage,
+                                tags={"kdray.trial_id": trial_id, "kdray.stage": ctx["space"].stage.name,
                                       "kdray.sampled": json.dumps(sampled, default=str)})
     tracking.log_params(ctx["uri"], run_id, flatten(cfg))
     marker.write_text(run_id)
@@ -192,9 +186,9 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable,
                                    resume_unfinished=True, resume_errored=True)
         return tuner.fit()
-    epochs = _epochs(space.stage, cfg)
+    epochs = space.stage.train(cfg).epochs
     concurrent = max_concurrent(ray.cluster_resources(), cpus, gpus)
-    log(f"sweep over {len(space.params)} parameters of stage {space.stage}: {num_samples} "
+    log(f"sweep over {len(space.params)} parameters of stage {space.stage.name}: {num_samples} "
         f"trials, at most {concurrent} at once, ASHA on {metric} over {epochs} epochs")
     searcher = OptunaSearch(space=define_by_run(space), metric=metric, mode="max", seed=seed,
                             points_to_evaluate=space.grid_points() or None)
@@ -204,25 +198,12 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
             metric=metric, mode="max", search_alg=searcher, num_samples=num_samples,
             max_concurrent_trials=concurrent, reuse_actors=True,  # no per-trial imports
             scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs,
-                                    grace_period=min(epochs, _eval_every(space.stage, cfg)),
+                                    grace_period=min(epochs, space.stage.train(cfg).eval_every),
                                     reduction_factor=2, stop_last_trials=False)),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
                                   callbacks=[ProgressTable(metric, space)]))
     return tuner.fit()
 
-
-def _train_cfg(stage: str, cfg: ExperimentConfig):
-    from kdray.stages import stage_config
-    scfg = stage_config(stage, cfg)
-    return getattr(scfg, "train", scfg)
-
-
-def _epochs(stage: str, cfg: ExperimentConfig) -> int:
-    return _train_cfg(stage, cfg).epochs
-
-
-def _eval_every(stage: str, cfg: ExperimentConfig) -> int:
-    return _train_cfg(stage, cfg).eval_every
 
 
 def log(msg: str) -> None:
@@ -268,3 +249,34 @@ class ProgressTable(_progress_table_base()):
 
 def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def close_trial_runs(p, results) -> dict[str, dict]:
+    """Per trial: its MLflow run, training seconds, attempts; runs that ASHA stopped mid-way
+    are closed here (the trial function never got to)."""
+    from mlflow.tracking import MlflowClient
+    client, trials = MlflowClient(p.uri), {}
+    for r in results:
+        tid = r.metrics.get("trial_id") or Path(r.path).name.split("_")[2]
+        tdir = p.out / "trials" / tid
+        marker = tdir / "mlflow_run_id"
+        run_id = marker.read_text().strip() if marker.exists() else ""   # "" = failed early
+        finished = (tdir / "result.json").exists()
+        if r.error is not None:
+            tracking.warn(f"trial {tid} failed: {str(r.error).splitlines()[-1][:300]}")
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            tracking.set_tags(p.uri, run_id, {"kdray.early_stopped": "true"})
+            tracking.end_run(p.uri, run_id, "KILLED")
+        trials[tid] = {"run_id": run_id, "dir": tdir, "finished": finished,
+                       "train_seconds": float(r.metrics.get("train_seconds", 0.0)),
+                       "attempts": len(read_attempts(tdir))}
+    # A sweep killed mid-trial can leave a child run for a trial its last saved Tune state did
+    # not hold yet; the resumed sweep samples a replacement, so that run is closed as orphaned.
+    known = {t["run_id"] for t in trials.values()}
+    for run in client.search_runs([p.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{p.run_id}'"):
+        if "kdray.trial_id" in run.data.tags and run.info.run_id not in known:
+            tracking.set_tags(p.uri, run.info.run_id, {"kdray.orphaned": "true"})
+            if run.info.status == "RUNNING":
+                tracking.end_run(p.uri, run.info.run_id, "KILLED")
+    return trials

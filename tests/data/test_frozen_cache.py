@@ -9,7 +9,7 @@ import torch
 
 from kdray.config import load_config
 from kdray.data.frozen_cache import FrozenOutputs, epoch_shard, read_shard
-from kdray.stages import build_frozen_cache, ensure_data, run_stage
+from kdray.stage_run import build_frozen_cache, ensure_data, run_stage
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 

@@ -80,7 +80,7 @@ def test_easier_difficulty(synth, tmp_path):
 def test_ensure_data_refuses_other_settings(tmp_path):
     """A config whose data.synth differs from the folder's: a clear error, files untouched."""
     from kdray.config import load_config
-    from kdray.stages import ensure_data
+    from kdray.stage_run import ensure_data
     cfg = load_config(None, [f"data.root={tmp_path}", "data.synth.train=12", "data.synth.val=6"])
     ensure_data(cfg)                                            # generates
     before = _files(tmp_path)

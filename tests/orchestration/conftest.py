@@ -72,7 +72,7 @@ def run_then_kill(script: Path, argv: list[str], cwd: Path, log_path: Path, unti
 def smoke_data(tmp_path_factory) -> Path:
     """SynthPose at the smoke size, generated once per session (data.root=<this>)."""
     from kdray.config import load_config
-    from kdray.stages import ensure_data
+    from kdray.stage_run import ensure_data
     root = tmp_path_factory.mktemp("smoke_data") / "smoke"
     cfg = load_config(SMOKE, [f"data.root={root}"])
     ensure_data(cfg)

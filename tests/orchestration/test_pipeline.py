@@ -19,7 +19,7 @@ import pytest
 
 from kdray.config import load_config, with_overrides
 from kdray.orchestration import pipeline, ray_train
-from kdray.stages import stage_inputs
+from kdray.stages import TEACHER, TSD_STUDENT
 
 from .conftest import FAST, REPO, SMOKE, load_script, run_then_kill
 
@@ -43,8 +43,8 @@ def scenario(tmp_path_factory, smoke_data, ray_local):
     argv = ["--config", str(SMOKE), "--storage", str(storage), *FAST,
             f"data.root={smoke_data}", "student.train.epochs=2"]
     cfg = pipeline.resolve_config(load_config(SMOKE, argv[4:]), storage)
-    teacher_key = pipeline.stage_key("teacher", cfg, {})
-    stage1_key = pipeline.stage_key("student", cfg, {"teacher": teacher_key})
+    teacher_key = pipeline.stage_key(TEACHER, cfg, {})
+    stage1_key = pipeline.stage_key(TSD_STUDENT, cfg, {"teacher": teacher_key})
     cache = storage / "runs" / "stages"
 
     # 1. The driver, killed while its stage-1 worker waits at epoch 2.
@@ -180,13 +180,13 @@ def test_stage_keys_depend_only_on_what_the_stage_uses():
                                               "cdkd.projectors": 2, "ray.num_workers": 2,
                                               "data.num_workers": 1, "tracking.experiment": "x"})
     key = pipeline.stage_key
-    assert key("teacher", cfg, {}) == key("teacher", other_tsd, {})
+    assert key(TEACHER, cfg, {}) == key(TEACHER, other_tsd, {})
     base = pipeline.baseline_config(cfg)
-    assert stage_inputs("student", base) == ()
-    assert key("student", base, {}) == key("student", pipeline.baseline_config(other_tsd), {})
-    assert key("student", cfg, {"teacher": "a"}) != key("student", cfg, {"teacher": "b"})
-    assert key("student", cfg, {"teacher": "a"}) != key("student", other_tsd, {"teacher": "a"})
-    assert key("teacher", cfg, {}) != key("teacher", with_overrides(
+    assert TSD_STUDENT.inputs(base) == ()
+    assert key(TSD_STUDENT, base, {}) == key(TSD_STUDENT, pipeline.baseline_config(other_tsd), {})
+    assert key(TSD_STUDENT, cfg, {"teacher": "a"}) != key(TSD_STUDENT, cfg, {"teacher": "b"})
+    assert key(TSD_STUDENT, cfg, {"teacher": "a"}) != key(TSD_STUDENT, other_tsd, {"teacher": "a"})
+    assert key(TEACHER, cfg, {}) != key(TEACHER, with_overrides(
         cfg, {"teacher.train.lr": 1e-4}), {})
 
 

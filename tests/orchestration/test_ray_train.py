@@ -7,6 +7,7 @@ import torch
 
 from kdray.config import load_config, with_overrides
 from kdray.orchestration import ray_train
+from kdray.stages import TEACHER
 
 from .conftest import FAST, SMOKE
 
@@ -36,7 +37,7 @@ def test_worker_killed_mid_stage_resumes_to_the_uninterrupted_result(ray_local, 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     try:
-        plain = ray_train.train_stage("teacher", with_overrides(cfg, {"ray.num_workers": 0}),
+        plain = ray_train.train_stage(TEACHER, with_overrides(cfg, {"ray.num_workers": 0}),
                                       tmp_path / "plain", {}, "plain", tmp_path / "ray")
     finally:
         torch.set_num_threads(threads)
@@ -46,7 +47,7 @@ def test_worker_killed_mid_stage_resumes_to_the_uninterrupted_result(ray_local, 
     marker = tmp_path / "fault.marker"
     monkeypatch.setenv("KDRAY_FAULT_AT_EPOCH", "2")
     monkeypatch.setenv("KDRAY_FAULT_MARKER", str(marker))
-    result = ray_train.train_stage("teacher", cfg, tmp_path / "stage", {}, "teacher-fault",
+    result = ray_train.train_stage(TEACHER, cfg, tmp_path / "stage", {}, "teacher-fault",
                                    tmp_path / "ray")
     assert marker.exists(), "the fault was not injected"
     starts = [a["start_epoch"] for a in ray_train.read_attempts(tmp_path / "stage")]

@@ -35,7 +35,7 @@ def _space(tmp_path, params, stage="cdkd") -> Path:
 @pytest.mark.parametrize("name", ["tsd_stage1", "tsd_stage2", "cdkd"])
 def test_shipped_spaces_are_valid(name):
     space = load_space(REPO / "search_spaces" / f"{name}.yaml", load_config(SMOKE))
-    assert space.params and space.stage in ("student", "gcn", "cdkd")
+    assert space.params and space.stage.name in ("student", "gcn", "cdkd")
 
 
 @pytest.mark.parametrize("params, message", [

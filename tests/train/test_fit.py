@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kdray.config import with_overrides
-from kdray.stages import build_stage, load_records, run_stage
+from kdray.stage_run import build_stage, load_records, run_stage
 from kdray.train import CheckpointError, fit, load_checkpoint
 
 

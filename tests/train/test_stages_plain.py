@@ -5,7 +5,7 @@ import torch
 
 from kdray.cli import main as kdray
 from kdray.inference import model_from_checkpoint
-from kdray.stages import build_stage, load_records, run_stage
+from kdray.stage_run import build_stage, load_records, run_stage
 
 
 def test_tsd_chain_end_to_end(tiny_cfg, tmp_path, real_data):
