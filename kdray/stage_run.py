@@ -118,7 +118,7 @@ def build_frozen_cache(cfg: ExperimentConfig, inputs: dict[str, str], cache_dir:
     built = build_stage(TSD_REFINED, cfg, inputs, (train_recs, val_recs, spec))
     t = built.train_cfg
     val_ds = PoseDataset(val_recs, spec, cfg.data, train=False)
-    cl = fast_paths(t, built.task.backbone, torch.device("cpu")).channels_last
+    cl = fast_paths(t, torch.device("cpu")).channels_last
     return ensure_cache(cache_dir, built.task, built.train_loader.dataset, val_ds, t.seed,
                         t.epochs, t.flip_test, num_workers=cfg.data.num_workers,
                         channels_last=cl)

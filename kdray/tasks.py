@@ -24,11 +24,6 @@ from kdray.nn.sape import SAPE, parse_kernel_mix
 BETA = 10.0  # SimCC's softmax scale (docs/methods.md section 1.3)
 
 
-def backbone_name(model: nn.Module) -> str:
-    """Config name of a PoseModel's backbone (picks CPU fast paths in kdray.train)."""
-    return getattr(getattr(model, "backbone_info", None), "name", "")
-
-
 def freeze(module: nn.Module) -> nn.Module:
     """Eval mode and no gradients: a frozen network never reaches the optimizer."""
     module.eval()
@@ -82,7 +77,6 @@ class SimCCTask(_Task):
     def __init__(self, model: nn.Module, codec: SimCCCodec, flip_index: list[int]):
         super().__init__()
         self.model, self.codec, self.flip_index = model, codec, flip_index
-        self.backbone = backbone_name(model)
 
     def forward(self, batch: dict, progress) -> dict:
         *_, l_kl = student_task_loss(self.model, normalize(batch["image"]), batch)
@@ -171,7 +165,6 @@ class TSDStage2Task(_Task):
         self.teacher = freeze(teacher) if teacher is not None else None
         if cfg.mode == "teacher" and teacher is None:
             raise ValueError("stage 2 in mode 'teacher' needs a teacher")
-        self.backbone = backbone_name(student)
         h, w = self.teacher_codec.input_size
         self.register_buffer("teacher_wh", torch.tensor([float(w), float(h)]), persistent=False)
 
@@ -230,7 +223,6 @@ class CDKDTask(_Task):
         self.teacher = freeze(teacher) if teacher is not None else None
         self.model, self.codec, self.cfg = student, codec_low, cfg
         self.flip_index = flip_index
-        self.backbone = backbone_name(student)
         self.sape = (SAPE(student.feat_channels[-1], teacher.feat_channels[-1], teacher_feat_hw,
                           num_projectors=cfg.projectors,
                           kernel_mix=parse_kernel_mix(cfg.sau_kernels), use_sau=cfg.sau)

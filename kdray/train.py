@@ -62,7 +62,6 @@ def resolve_device(name: str) -> torch.device:
 # HRNet training ~2x but slows MobileNetV3 (0.7x), and SimCC training under CPU bf16 autocast
 # diverged on SynthPose (KL 6 -> 100+ within two epochs, fp32 converged on the same data), so
 # ``auto`` trains in fp32 + channels_last on CPU and in bf16 + channels_last on CUDA.
-CPU_BF16_PREFIXES: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,13 +71,12 @@ class FastPaths:
     compile: bool = False
 
 
-def fast_paths(cfg: TrainConfig, backbone: str, device: torch.device) -> FastPaths:
+def fast_paths(cfg: TrainConfig, device: torch.device) -> FastPaths:
     """Resolve the ``auto`` choices of precision / channels_last / compile (issue 9,
     bench/fast_paths.py). Host->device copies are ``non_blocking`` from pinned memory
     (make_loader pins when CUDA is available)."""
     if cfg.precision == "auto":
-        bf16 = device.type == "cuda" or (bool(CPU_BF16_PREFIXES)
-                                         and backbone.startswith(CPU_BF16_PREFIXES))
+        bf16 = device.type == "cuda"
     else:
         bf16 = cfg.precision == "bf16"
     cl = cfg.channels_last == "on" or cfg.channels_last == "auto"
@@ -182,7 +180,7 @@ def fit(task: nn.Module, train_loader, cfg: TrainConfig, out_dir: str | Path | N
     seed_everything(cfg.seed)
     core = getattr(task, "module", task)
     task.to(device)
-    fp = fast_paths(cfg, getattr(core, "backbone", ""), device)
+    fp = fast_paths(cfg, device)
     if fp.channels_last:
         task.to(memory_format=torch.channels_last)
     if fp.compile:
@@ -278,28 +276,5 @@ def write_outputs(out: Path, history: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(
         {"final": history[-1] if history else {}, "history": history}, indent=1))
+    from kdray.vis import plot_history
     plot_history(history, out / "loss_curve.png")
-
-
-def plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted({k for h in history for k in h if k.startswith("loss")})
-    vals = sorted({k for h in history for k in h if k.startswith("val_") and "AP" in k})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for k in keys:
-        pts = [(h["epoch"], h[k]) for h in history if k in h]
-        axes[0].plot(*zip(*pts), marker="o", label=k)
-    axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title="training losses")
-    for k in vals:
-        pts = [(h["epoch"], h[k]) for h in history if k in h]
-        axes[1].plot(*zip(*pts), marker="o", label=k)
-    axes[1].set(xlabel="epoch", ylabel="%", title="validation")
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

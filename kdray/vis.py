@@ -131,3 +131,53 @@ def preview_sheet(ann_file: str | Path, image_dir: str | Path, out_png: str | Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out), make_sheet(tiles, ncols, pad))
     return out
+
+
+def pose_sheet(checkpoint, cfg, out_png: Path, n: int = 12,
+               crop_hw: tuple[int, int] = (128, 96)) -> Path:
+    """PNG sheet of predicted poses on the first ``n`` val persons (whole-image inference;
+    ``cfg``: the ExperimentConfig whose val split to draw)."""
+    from kdray.data.coco import load_dataset, read_image
+    from kdray.data.keypoints import spec_for
+    from kdray.inference import Predictor, model_from_checkpoint
+
+    module, meta = model_from_checkpoint(checkpoint)
+    predict = Predictor(module, meta)
+    records, _ = load_dataset(cfg.data, "val")
+    spec = spec_for(meta["dataset"])
+    tiles = []
+    for rec in records[:n]:
+        image = read_image(rec.image_path)
+        kp = predict(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), rec.bbox[None])[0]
+        crop, m = crop_person(image, rec.bbox, crop_hw)
+        xy = kp[:, :2] @ m[:, :2].T + m[:, 2]
+        # Every joint is drawn: SimCC confidences (max of a smoothed softmax) stay far below
+        # draw_pose's default 0.3 threshold even when the joint is right.
+        tiles.append(draw_pose(crop, xy, spec, scores=kp[:, 2], score_thr=0.0))
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_png), make_sheet(tiles, ncols=6))
+    return out_png
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for h in history for k in h if k.startswith("loss")})
+    vals = sorted({k for h in history for k in h if k.startswith("val_") and "AP" in k})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for k in keys:
+        pts = [(h["epoch"], h[k]) for h in history if k in h]
+        axes[0].plot(*zip(*pts), marker="o", label=k)
+    axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title="training losses")
+    for k in vals:
+        pts = [(h["epoch"], h[k]) for h in history if k in h]
+        axes[1].plot(*zip(*pts), marker="o", label=k)
+    axes[1].set(xlabel="epoch", ylabel="%", title="validation")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -18,18 +18,13 @@ from kdray.orchestration.args import parse_args
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("cdkd", argv, __doc__)
     # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
-    from kdray.orchestration.pipeline import Pipeline, primary_metric
+    from kdray.orchestration.pipeline import Pipeline
     from kdray.stages import CDKD_STUDENT
     with Pipeline("cdkd", cfg, args, stages=2) as p:
         teacher = p.teacher(args.teacher)                          # trained once, or given
         student = p.stage(CDKD_STUDENT, teacher=teacher)           # low-res student
 
-        m = primary_metric(p.cfg)
-        name = m.removeprefix("val_")
-        runs = {"teacher": teacher, "cdkd": student}
-        metrics = {f"{name}_{k}": r.metrics.get(m) for k, r in runs.items()}
-        metrics.update({f"seconds_{k}": round(r.wall_seconds, 1) for k, r in runs.items()})
-        metrics.update({f"reused_{k}": float(r.reused) for k, r in runs.items()})
+        metrics = p.stage_metrics({"teacher": teacher, "cdkd": student})
         metrics.update({k: v for k, v in student.metrics.items()
                         if k.startswith(("tau", "xi", "alpha", "beta"))})
 

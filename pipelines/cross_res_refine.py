@@ -22,7 +22,7 @@ from kdray.orchestration.args import parse_args
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("cross_res_refine", argv, __doc__)
     # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
-    from kdray.orchestration.pipeline import Pipeline, primary_metric
+    from kdray.orchestration.pipeline import Pipeline
     from kdray.stages import CDKD_REFINED, CDKD_STUDENT, low_res_baseline
     with Pipeline("cross_res_refine", cfg, args, stages=4) as p:
         teacher = p.teacher(args.teacher)                          # trained once, or given
@@ -30,12 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
         refined = p.stage(CDKD_REFINED, label="refined", teacher=teacher, student=student)
         baseline = p.stage(CDKD_STUDENT, low_res_baseline(p.cfg), label="baseline")  # no KD
 
-        m = primary_metric(p.cfg)
-        name = m.removeprefix("val_")
-        runs = {"teacher": teacher, "baseline": baseline, "cdkd": student, "refined": refined}
-        metrics = {f"{name}_{k}": r.metrics.get(m) for k, r in runs.items()}
-        metrics.update({f"seconds_{k}": round(r.wall_seconds, 1) for k, r in runs.items()})
-        metrics.update({f"reused_{k}": float(r.reused) for k, r in runs.items()})
+        metrics = p.stage_metrics({"teacher": teacher, "baseline": baseline, "cdkd": student,
+                                   "refined": refined})
 
         for result in (teacher, student, refined):                  # registration
             p.register(result)

@@ -21,7 +21,7 @@ from kdray.orchestration.args import parse_args
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("two_stage", argv, __doc__)
     # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
-    from kdray.orchestration.pipeline import Pipeline, baseline_config, primary_metric
+    from kdray.orchestration.pipeline import Pipeline, baseline_config
     from kdray.stages import TSD_REFINED, TSD_STUDENT
     with Pipeline("two_stage", cfg, args, stages=4) as p:
         teacher = p.teacher(args.teacher)                          # trained once, or given
@@ -30,14 +30,11 @@ def main(argv: list[str] | None = None) -> dict:
         baseline = p.stage(TSD_STUDENT, baseline_config(p.cfg), label="baseline")  # no KD
 
         # Evaluation: every stage was scored on the same val set at its last epoch.
-        m = primary_metric(p.cfg)
-        name = m.removeprefix("val_")
-        runs = {"teacher": teacher, "baseline": baseline, "stage1": stage1, "stage2": stage2}
-        metrics = {f"{name}_{k}": r.metrics.get(m) for k, r in runs.items()}
-        metrics.update({f"err_occluded_{k}": runs[k].metrics.get("val_err_occluded")
-                        for k in ("baseline", "stage1", "stage2")})
-        metrics.update({f"seconds_{k}": round(r.wall_seconds, 1) for k, r in runs.items()})
-        metrics.update({f"reused_{k}": float(r.reused) for k, r in runs.items()})
+        metrics = p.stage_metrics({"teacher": teacher, "baseline": baseline, "stage1": stage1,
+                                   "stage2": stage2})
+        metrics.update({f"err_occluded_{k}": r.metrics.get("val_err_occluded")
+                        for k, r in (("baseline", baseline), ("stage1", stage1),
+                                     ("stage2", stage2))})
 
         for result in (teacher, stage1, stage2):                  # registration
             p.register(result)

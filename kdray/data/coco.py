@@ -206,17 +206,11 @@ def load_coco(ann_file, image_dir, boxes_file=None, score_thr: float = 0.0,
 
 def _detector_records(boxes_file, images: dict[int, str], spec: KeypointSpec,
                       score_thr: float) -> list[PersonRecord]:
-    dets = load_json(boxes_file)
-    if not isinstance(dets, list):
-        raise fail(boxes_file, "top level", "(whole file)", "expected a list of detections")
     records = []
-    for i, det in enumerate(dets):
-        where = f"detection #{i}"
+    for i, where, det, box, score in _detections(boxes_file):
         img_id = _get(det, "image_id", boxes_file, where)
         if not isinstance(img_id, int) or img_id not in images:
             raise fail(boxes_file, where, "image_id", f"image id {img_id!r} is not in the GT file")
-        box = _box(_get(det, "bbox", boxes_file, where), boxes_file, where)
-        score = _number(_get(det, "score", boxes_file, where), boxes_file, where, "score")
         if det.get("category_id", 1) != 1 or score < score_thr:
             continue  # only person boxes above the threshold, as the pose toolboxes do
         kp = np.zeros((spec.num_joints, 3), np.float32)
@@ -225,18 +219,27 @@ def _detector_records(boxes_file, images: dict[int, str], spec: KeypointSpec,
     return records
 
 
+def _detections(boxes_file, default_score: float | None = None):
+    """Each detection of a COCO results file with its bbox and score validated:
+    (index, "detection #i", record, box (4,), score); ``score`` is required unless a default
+    is given."""
+    dets = load_json(boxes_file)
+    if not isinstance(dets, list):
+        raise fail(boxes_file, "top level", "(whole file)", "expected a list of detections")
+    for i, det in enumerate(dets):
+        where = f"detection #{i}"
+        box = _box(_get(det, "bbox", boxes_file, where), boxes_file, where)
+        raw = (_get(det, "score", boxes_file, where) if default_score is None
+               else det.get("score", default_score))
+        yield i, where, det, box, _number(raw, boxes_file, where, "score")
+
+
 def image_boxes(boxes_file, image_id: int | None, score_thr: float = 0.0) -> np.ndarray:
     """(N, 4) float32 xywh person boxes of one image from a COCO results file (every image's
     when ``image_id`` is None): ``kdray predict --boxes``. Every detection is validated first,
     so a 3-number bbox is an error naming its index, not silently reshaped into other boxes."""
-    dets = load_json(boxes_file)
-    if not isinstance(dets, list):
-        raise fail(boxes_file, "top level", "(whole file)", "expected a list of detections")
     boxes = []
-    for i, det in enumerate(dets):
-        where = f"detection #{i}"
-        box = _box(_get(det, "bbox", boxes_file, where), boxes_file, where)
-        score = _number(det.get("score", 1.0), boxes_file, where, "score")
+    for _, where, det, box, score in _detections(boxes_file, default_score=1.0):
         img = det.get("image_id")
         if img is not None and (isinstance(img, bool) or not isinstance(img, int)):
             raise fail(boxes_file, where, "image_id", f"expected an integer, got {img!r}")
@@ -294,8 +297,8 @@ def load_dataset(data_cfg, split: str) -> tuple[list[PersonRecord], KeypointSpec
     """The reader ``data_cfg.dataset`` names, paths resolved against ``data_cfg.root``.
 
     ``val`` with ``data_cfg.val_boxes`` set uses detector boxes (``det_score_thr``). Training
-    keeps only persons with labelled keypoints. ``max_train`` / ``max_val`` (> 0, where the
-    config has them) keep the first N records (smoke runs).
+    keeps only persons with labelled keypoints; ``max_train`` (> 0) keeps the first N training
+    records (smoke runs).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -316,5 +319,5 @@ def load_dataset(data_cfg, split: str) -> tuple[list[PersonRecord], KeypointSpec
                        f"data.dataset={data_cfg.dataset!r} expects {expected.num_joints} "
                        f"keypoints, the file has {spec.num_joints}")
         spec = expected
-    limit = getattr(data_cfg, "max_train" if split == "train" else "max_val", 0)
+    limit = data_cfg.max_train if split == "train" else 0
     return (records[:limit] if limit > 0 else records), spec

@@ -192,7 +192,3 @@ def bar_chart(table: dict, records: list[dict], metric: str, path: Path) -> Path
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-def table_metric(cfg: ExperimentConfig) -> str:
-    return primary_metric(cfg)

@@ -35,6 +35,7 @@ from kdray.orchestration.args import parse_args  # noqa: F401 (the pipelines' im
 from kdray.console import log
 from kdray.orchestration import ray_train, tracking
 from kdray.progress import ConsoleProgress, clock
+from kdray.vis import pose_sheet
 from kdray.stage_run import METRIC, ensure_data
 from kdray.stages import STAGES, TEACHER, Stage
 
@@ -308,6 +309,16 @@ class Pipeline:
         return reg
 
     # -- the end -----------------------------------------------------------------------------
+    def stage_metrics(self, runs: dict[str, StageResult]) -> dict:
+        """The summary's per-stage numbers: ``<metric>_<label>`` (AP or PCKh Mean),
+        ``seconds_<label>`` and ``reused_<label>`` for each of ``runs``."""
+        m = primary_metric(self.cfg)
+        name = m.removeprefix("val_")
+        out = {f"{name}_{k}": r.metrics.get(m) for k, r in runs.items()}
+        out.update({f"seconds_{k}": round(r.wall_seconds, 1) for k, r in runs.items()})
+        out.update({f"reused_{k}": float(r.reused) for k, r in runs.items()})
+        return out
+
     def finish(self, metrics: dict, outputs: dict | None = None) -> dict:
         """Print the one summary JSON line and write ``summary.json`` (docs/architecture.md,
         "Command-line contract")."""
@@ -401,34 +412,3 @@ def _lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-# ----------------------------------------------------------------------------- artifacts
-
-def pose_sheet(checkpoint, cfg: ExperimentConfig, out_png: Path, n: int = 12,
-               crop_hw: tuple[int, int] = (128, 96)) -> Path:
-    """PNG sheet of predicted poses on the first ``n`` val persons (whole-image inference)."""
-    import cv2
-    import numpy as np
-
-    from kdray.data.coco import load_dataset, read_image
-    from kdray.data.keypoints import spec_for
-    from kdray.inference import Predictor, model_from_checkpoint
-    from kdray.vis import crop_person, draw_pose, make_sheet
-
-    module, meta = model_from_checkpoint(checkpoint)
-    predict = Predictor(module, meta)
-    records, _ = load_dataset(cfg.data, "val")
-    spec = spec_for(meta["dataset"])
-    tiles = []
-    for rec in records[:n]:
-        image = read_image(rec.image_path)
-        kp = predict(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), rec.bbox[None])[0]
-        crop, m = crop_person(image, rec.bbox, crop_hw)
-        xy = kp[:, :2] @ m[:, :2].T + m[:, 2]
-        # Every joint is drawn: SimCC confidences (max of a smoothed softmax) stay far below
-        # draw_pose's default 0.3 threshold even when the joint is right.
-        tiles.append(draw_pose(crop, xy, spec, scores=kp[:, 2], score_thr=0.0))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out_png), make_sheet(tiles, ncols=6))
-    return out_png

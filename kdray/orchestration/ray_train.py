@@ -248,7 +248,7 @@ def _worker(config: dict) -> None:
                          cfg.data.num_workers, t.seed, rank=rank, world_size=world)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
     task = built.task.to(device)
-    if fast_paths(t, getattr(task, "backbone", ""), device).channels_last:
+    if fast_paths(t, device).channels_last:
         task.to(memory_format=torch.channels_last)  # before DDP builds its gradient buckets
     task = ray.train.torch.prepare_model(
         task, move_to_device=device,

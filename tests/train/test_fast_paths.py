@@ -8,11 +8,11 @@ from kdray.train import compile_pose_models, fast_paths
 
 def test_auto_choices_per_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    fp = fast_paths(TrainConfig(), "hrnet_w18_small", cpu)
+    fp = fast_paths(TrainConfig(), cpu)
     assert (fp.bf16, fp.channels_last, fp.compile) == (False, True, False)
-    fp = fast_paths(TrainConfig(), "hrnet_w18_small", cuda)
+    fp = fast_paths(TrainConfig(), cuda)
     assert (fp.bf16, fp.channels_last, fp.compile) == (True, True, True)
-    fp = fast_paths(TrainConfig(precision="bf16", channels_last="off", compile="on"), "x", cpu)
+    fp = fast_paths(TrainConfig(precision="bf16", channels_last="off", compile="on"), cpu)
     assert (fp.bf16, fp.channels_last, fp.compile) == (True, False, True)
 
 
