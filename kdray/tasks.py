@@ -15,6 +15,7 @@ from kdray.codecs.simcc import SimCCCodec, soft_argmax
 from kdray.config import CDKDConfig, TSDStage1Config, TSDStage2Config
 from kdray.data.dataset import normalize
 from kdray.losses import cdkd as cdkd_losses
+from kdray.losses import etht
 from kdray.losses import tsd
 from kdray.losses.simcc import simcc_kl_loss
 from kdray.nn.igp_gcn import IGPGCN
@@ -228,11 +229,11 @@ class CDKDTask(_Task):
                           kernel_mix=parse_kernel_mix(cfg.sau_kernels), use_sau=cfg.sau)
                      if cfg.feature_loss else None)
         lo, hi = cfg.tau_range
-        self.tau = (cdkd_losses.LearnableTemperature(cfg.tau_init, lo, hi)
+        self.tau = (etht.LearnableTemperature(cfg.tau_init, lo, hi)
                     if "tau" in cfg.etht else None)
-        self.alpha = (cdkd_losses.learnable_loss_weight(cfg.alpha)
+        self.alpha = (etht.learnable_loss_weight(cfg.alpha)
                       if "alpha" in cfg.etht else None)
-        self.beta = (cdkd_losses.learnable_loss_weight(cfg.beta)
+        self.beta = (etht.learnable_loss_weight(cfg.beta)
                      if "beta" in cfg.etht else None)
 
     def _value(self, learnable, fixed: float, xi: float):
@@ -244,7 +245,7 @@ class CDKDTask(_Task):
         terms = {"loss_ori": l_ori}
         zero = l_ori.new_zeros(())
         l_fea = l_logit = zero
-        xi = cdkd_losses.xi_schedule(progress.fraction, self.cfg.xi_max, self.cfg.xi_schedule,
+        xi = etht.xi_schedule(progress.fraction, self.cfg.xi_max, self.cfg.xi_schedule,
                                      total_epochs=progress.epochs)
         if self.cfg.feature_loss or self.cfg.logit_loss:
             with torch.no_grad():

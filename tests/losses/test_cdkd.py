@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from kdray.losses.cdkd import (GradientReversal, LearnableTemperature, bin_overlap_matrix,
-                               cca_logit_loss, cca_merge, cdkd_total_loss, cosine_feature_loss,
-                               grad_reverse, learnable_loss_weight, tau_kl, xi_schedule)
+from kdray.losses.cdkd import (bin_overlap_matrix, cca_logit_loss, cca_merge, cdkd_total_loss,
+                               cosine_feature_loss, tau_kl)
+from kdray.losses.etht import (GradientReversal, LearnableTemperature, grad_reverse,
+                               learnable_loss_weight, xi_schedule)
 
 P8 = [0.05, 0.15, 0.10, 0.20, 0.05, 0.25, 0.12, 0.08]  # sums to 1.00
 
