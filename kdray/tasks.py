@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdray.codecs.simcc import SimCCCodec, soft_argmax
+from kdray.codecs.simcc import SOFTMAX_SCALE, SimCCCodec, soft_argmax
 from kdray.config import CDKDConfig, TSDStage1Config, TSDStage2Config
 from kdray.data.dataset import normalize
 from kdray.losses import cdkd as cdkd_losses
@@ -22,7 +22,6 @@ from kdray.nn.igp_gcn import IGPGCN
 from kdray.nn.refined import RefinedPoseModel, simcc_logits
 from kdray.nn.sape import SAPE, parse_kernel_mix
 
-BETA = 10.0  # SimCC's softmax scale (docs/methods.md section 1.3)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -41,7 +40,7 @@ def student_task_loss(model: nn.Module, images: torch.Tensor, batch: dict, suffi
     out = model(images)
     lx, ly = out["logits_x"].float(), out["logits_y"].float()
     loss = simcc_kl_loss(lx, ly, batch["target_x" + suffix], batch["target_y" + suffix],
-                         batch["target_weight" + suffix], beta=BETA)
+                         batch["target_weight" + suffix], beta=SOFTMAX_SCALE)
     return out, lx, ly, loss
 
 
@@ -125,8 +124,8 @@ class TSDStage1Task(SimCCTask):
                 l_fea = tsd.feature_mse(s["feats"][-1].float(), t["feats"][-1].float(),
                                         self.adapter)
                 terms["loss_fea"] = l_fea
-            s_xy = soft_argmax(s_lx, s_ly, BETA)
-            t_xy = soft_argmax(t["logits_x"].float(), t["logits_y"].float(), BETA)
+            s_xy = soft_argmax(s_lx, s_ly, SOFTMAX_SCALE)
+            t_xy = soft_argmax(t["logits_x"].float(), t["logits_y"].float(), SOFTMAX_SCALE)
             if self.cfg.pose:
                 terms["loss_pose"] = tsd.pose_l1(s_xy, t_xy, mask)
                 l_pos = l_pos + terms["loss_pose"]
@@ -258,7 +257,7 @@ class CDKDTask(_Task):
             tau = self._value(self.tau, self.cfg.tau_init, xi)
             l_logit = terms["loss_logit"] = cdkd_losses.cca_logit_loss(
                 s_lx, s_ly, t["logits_x"].float(), t["logits_y"].float(), tau,
-                batch["target_weight_low"], beta_scale=BETA)
+                batch["target_weight_low"], beta_scale=SOFTMAX_SCALE)
         alpha = self._value(self.alpha, self.cfg.alpha, xi)
         beta = self._value(self.beta, self.cfg.beta, xi)
         loss = cdkd_losses.cdkd_total_loss(l_ori, l_fea, l_logit, alpha, beta)

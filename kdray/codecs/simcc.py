@@ -24,6 +24,11 @@ import torch
 __all__ = ["SimCCCodec", "flip_logits", "sigma_for_size", "soft_argmax"]
 
 
+# SimCC's softmax scale: every softmax over bins is softmax(SOFTMAX_SCALE * logits)
+# (docs/methods.md section 1.3). The one definition; losses and tasks use it.
+SOFTMAX_SCALE = 10.0
+
+
 @dataclass(frozen=True)
 class SimCCCodec:
     """SimCC targets and decoding for crops of ``input_size = (H, W)``.
@@ -34,7 +39,7 @@ class SimCCCodec:
     input_size: tuple[int, int]
     split_ratio: float = 2.0
     sigma: float | tuple[float, float] = 3.0
-    beta: float = 10.0
+    beta: float = SOFTMAX_SCALE
 
     @property
     def bins(self) -> tuple[int, int]:
@@ -115,7 +120,7 @@ def _gaussian(mu: np.ndarray, bins: int, sigma: float, weight: np.ndarray) -> np
     return g.astype(np.float32)
 
 
-def soft_argmax(logits_x: torch.Tensor, logits_y: torch.Tensor, beta: float = 10.0
+def soft_argmax(logits_x: torch.Tensor, logits_y: torch.Tensor, beta: float = SOFTMAX_SCALE
                 ) -> torch.Tensor:
     """Expected bin under softmax(beta * logits), divided by the bin count (TSD's L1 pose term).
 

@@ -15,12 +15,12 @@ merging, because Eq. (6) sums probabilities, and the probabilities to distil are
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from kdray.codecs.simcc import SOFTMAX_SCALE
 
 Scalar = float | torch.Tensor
 
@@ -64,7 +64,7 @@ def cca_merge(teacher_probs: torch.Tensor, overlap: torch.Tensor) -> torch.Tenso
 
 
 def tau_kl(student_logits: torch.Tensor, teacher_merged_probs: torch.Tensor, tau: Scalar,
-           beta_scale: float = 10.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+           beta_scale: float = SOFTMAX_SCALE, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. (7) for one axis: sum over joints of tau^2 KL(p_t || softmax(beta_scale * z_s / tau)).
 
     student_logits (B, K, Sb); teacher_merged_probs (B, K, Sb), already softened and merged;
@@ -85,7 +85,7 @@ def tau_kl(student_logits: torch.Tensor, teacher_merged_probs: torch.Tensor, tau
 
 def cca_logit_loss(student_lx: torch.Tensor, student_ly: torch.Tensor,
                    teacher_lx: torch.Tensor, teacher_ly: torch.Tensor, tau: Scalar,
-                   weight: torch.Tensor | None = None, beta_scale: float = 10.0) -> torch.Tensor:
+                   weight: torch.Tensor | None = None, beta_scale: float = SOFTMAX_SCALE) -> torch.Tensor:
     """L_logit, Eqs. (6)-(7), summed over the x and y axes.
 
     student_lx (B, K, Wx_s), student_ly (B, K, Hy_s); teacher_lx (B, K, Wx_t), teacher_ly

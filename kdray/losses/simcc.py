@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdray.codecs.simcc import SOFTMAX_SCALE
 
-def simcc_kl_per_joint(logits: Tensor, target: Tensor, beta: float = 10.0) -> Tensor:
+
+def simcc_kl_per_joint(logits: Tensor, target: Tensor, beta: float = SOFTMAX_SCALE) -> Tensor:
     """KL(target || softmax(beta * logits)) over the last axis: (B, K, N), (B, K, N) -> (B, K).
 
     Computed in float32 (logits from bf16 autocast are upcast) with log_softmax, and
@@ -36,7 +38,7 @@ def simcc_kl_per_joint(logits: Tensor, target: Tensor, beta: float = 10.0) -> Te
 
 
 def simcc_kl_loss(logits_x: Tensor, logits_y: Tensor, target_x: Tensor, target_y: Tensor,
-                  target_weight: Tensor, beta: float = 10.0) -> Tensor:
+                  target_weight: Tensor, beta: float = SOFTMAX_SCALE) -> Tensor:
     """L_KL: logits_x / target_x (B, K, Wx), logits_y / target_y (B, K, Hy), target_weight (B, K).
 
     Returns a scalar: the weighted sum of per-joint KL (x + y) divided by the number of joints
