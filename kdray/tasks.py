@@ -40,7 +40,7 @@ def student_task_loss(model: nn.Module, images: torch.Tensor, batch: dict, suffi
     out = model(images)
     lx, ly = out["logits_x"].float(), out["logits_y"].float()
     loss = simcc_kl_loss(lx, ly, batch["target_x" + suffix], batch["target_y" + suffix],
-                         batch["target_weight" + suffix], beta=SOFTMAX_SCALE)
+                         batch["target_weight" + suffix], scale=SOFTMAX_SCALE)
     return out, lx, ly, loss
 
 
@@ -235,8 +235,8 @@ class CDKDTask(_Task):
         self.beta = (etht.learnable_loss_weight(cfg.beta)
                      if "beta" in cfg.etht else None)
 
-    def _value(self, learnable, fixed: float, xi: float):
-        return learnable(xi) if learnable is not None else fixed
+    def _value(self, learnable, fixed: float, strength: float):
+        return learnable(strength) if learnable is not None else fixed
 
     def forward(self, batch: dict, progress) -> dict:
         s, s_lx, s_ly, l_ori = student_task_loss(self.model, normalize(batch["image_low"]),
@@ -244,7 +244,8 @@ class CDKDTask(_Task):
         terms = {"loss_ori": l_ori}
         zero = l_ori.new_zeros(())
         l_fea = l_logit = zero
-        xi = etht.xi_schedule(progress.fraction, self.cfg.xi_max, self.cfg.xi_schedule,
+        strength = etht.reversal_schedule(progress.fraction, self.cfg.reversal_max,
+                                            self.cfg.reversal_schedule,
                                      total_epochs=progress.epochs)
         if self.cfg.feature_loss or self.cfg.logit_loss:
             with torch.no_grad():
@@ -254,12 +255,12 @@ class CDKDTask(_Task):
             l_fea = terms["loss_fea"] = cdkd_losses.cosine_feature_loss(f_out,
                                                                         t["feats"][-1].float())
         if self.cfg.logit_loss:
-            tau = self._value(self.tau, self.cfg.tau_init, xi)
+            tau = self._value(self.tau, self.cfg.tau_init, strength)
             l_logit = terms["loss_logit"] = cdkd_losses.cca_logit_loss(
                 s_lx, s_ly, t["logits_x"].float(), t["logits_y"].float(), tau,
-                batch["target_weight_low"], beta_scale=SOFTMAX_SCALE)
-        alpha = self._value(self.alpha, self.cfg.alpha, xi)
-        beta = self._value(self.beta, self.cfg.beta, xi)
+                batch["target_weight_low"], scale=SOFTMAX_SCALE)
+        alpha = self._value(self.alpha, self.cfg.alpha, strength)
+        beta = self._value(self.beta, self.cfg.beta, strength)
         loss = cdkd_losses.cdkd_total_loss(l_ori, l_fea, l_logit, alpha, beta)
         return {"loss": loss, **terms}
 
