@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
 from kdray.orchestration import ray_train, tracking
-from kdray.orchestration.search_space import SearchSpace, define_by_run
+from kdray.orchestration.search_space import SearchSpace, define_by_run, make_sampler
 from kdray.stages import TSD_REFINED
 
 # A GCN trial can read the frozen networks' cached outputs unless it changes what they are.
@@ -190,7 +190,8 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
     concurrent = max_concurrent(ray.cluster_resources(), cpus, gpus)
     log(f"sweep over {len(space.params)} parameters of stage {space.stage.name}: {num_samples} "
         f"trials, at most {concurrent} at once, ASHA on {metric} over {epochs} epochs")
-    searcher = OptunaSearch(space=define_by_run(space), metric=metric, mode="max", seed=seed,
+    searcher = OptunaSearch(space=define_by_run(space), metric=metric, mode="max",
+                            sampler=make_sampler(seed),   # the seed lives on the sampler
                             points_to_evaluate=space.grid_points() or None)
     tuner = tune.Tuner(
         trainable,
