@@ -228,12 +228,10 @@ class CDKDTask(_Task):
                           kernel_mix=parse_kernel_mix(cfg.sau_kernels), use_sau=cfg.sau)
                      if cfg.feature_loss else None)
         lo, hi = cfg.tau_range
-        self.tau = (etht.LearnableTemperature(cfg.tau_init, lo, hi)
-                    if "tau" in cfg.etht else None)
-        self.alpha = (etht.learnable_loss_weight(cfg.alpha)
-                      if "alpha" in cfg.etht else None)
-        self.beta = (etht.learnable_loss_weight(cfg.beta)
-                     if "beta" in cfg.etht else None)
+        learnt = cfg.etht if teacher is not None else ()   # alone: nothing to learn by ETHT
+        self.tau = etht.LearnableTemperature(cfg.tau_init, lo, hi) if "tau" in learnt else None
+        self.alpha = etht.learnable_loss_weight(cfg.alpha) if "alpha" in learnt else None
+        self.beta = etht.learnable_loss_weight(cfg.beta) if "beta" in learnt else None
 
     def _value(self, learnable, fixed: float, strength: float):
         return learnable(strength) if learnable is not None else fixed
@@ -265,7 +263,9 @@ class CDKDTask(_Task):
         return {"loss": loss, **terms}
 
     def epoch_metrics(self) -> dict:
-        """tau (and alpha, beta when learnt) once per epoch, as the issue asks."""
+        """tau (and alpha, beta when learnt) once per epoch; none for the student alone."""
+        if self.teacher is None:
+            return {}
         tau = self.tau.value.detach() if self.tau is not None else self.cfg.tau_init
         out = {"tau": float(tau)}
         if self.alpha is not None:

@@ -67,3 +67,17 @@ def test_summary_pairs_rows_with_the_baseline_by_seed():
     # a seed missing from the baseline is left out of the pairing, not paired with another seed
     recs = {r["row"]: r for r in summarise(table, trials[:-1], "val_AP")}
     assert recs["kd"]["vs_baseline"] == pytest.approx(1.1)     # seeds 0 and 1 only
+
+
+def test_cdkd_baseline_rows_are_the_pipelines_baseline_stage():
+    # the low-res student trained alone hashes no KD setting: the cdkd-iii baseline row (which
+    # leaves etht, projectors, ... at their defaults) and pipelines/cdkd.py's baseline share it
+    from kdray.orchestration.ablation import row_config
+    from kdray.orchestration.pipeline import stage_key
+    from kdray.stages import CDKD_STUDENT, low_res_baseline
+    base = load_config(Path(__file__).parents[1] / "configs" / "smoke.yaml")
+    row = row_config(base, TABLES["cdkd-iii"], "baseline", seed=0)
+    assert row.cdkd.etht == ("tau",) and low_res_baseline(base).cdkd.etht == ()
+    assert stage_key(CDKD_STUDENT, row, {}) == stage_key(CDKD_STUDENT, low_res_baseline(base), {})
+    distilled = row_config(base, TABLES["cdkd-iii"], "cdkd", seed=0)
+    assert stage_key(CDKD_STUDENT, distilled, {"teacher": "t"}) != stage_key(CDKD_STUDENT, row, {})
