@@ -82,8 +82,8 @@ class DataConfig:
     scale_range: tuple[float, float] = _f((0.75, 1.25),
                                           doc="training: box scale multiplied by U(lo, hi); "
                                               "0 < lo <= hi")
-    rotation: float = _f(40.0, lo=0.0, hi=180.0,
-                         doc="training: rotation drawn from U(-rotation, rotation) degrees")
+    rotation: float = _f(40.0, lo=0.0, hi=180.0, doc="training: rotation ~ U(-rotation, "
+                                                      "rotation) degrees")
     rotation_prob: float = _f(0.6, lo=0.0, hi=1.0,
                               doc="training: chance that a crop is rotated at all")
     half_body_prob: float = _f(0.3, lo=0.0, hi=1.0,
