@@ -213,9 +213,9 @@ class Pipeline:
             f"(key {key}) in {stage_dir}")
         self._stage_t0 = time.monotonic()
         progress = ConsoleProgress(label, self._index, self.planned, self._rest)
-        t0 = time.perf_counter()
         with self.tracker.run(label, tags={"kdray.stage": stage.name, "kdray.stage_key": key,
                                            "kdray.label": label}, params=flatten(cfg)) as run:
+            t0 = time.perf_counter()
             try:
                 fit = ray_train.train_stage(stage, cfg, stage_dir,
                                             {n: r.checkpoint for n, r in used.items()},
