@@ -35,7 +35,6 @@ if __name__ == "__main__":   # --help answers before torch, Ray and MLflow load
 
 import pandas as pd
 
-from kdray.orchestration import tracking
 from kdray.orchestration.ablation import (bar_chart, finished_trials, load_table, markdown, plan,
                                           run_table, summarise)
 from kdray.orchestration.pipeline import Pipeline, log, parse_args, primary_metric, stage_key
@@ -62,8 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                metric))
         pd.DataFrame(records).to_parquet(p.out / "table.parquet", index=False)
         bar_chart(table, records, f"{p.cfg.data.dataset} val {metric}", p.out / "table.png")
-        tracking.log_artifacts(p.uri, p.run_id, [p.out / n for n in
-                                                 ("table.md", "table.parquet", "table.png")])
+        p.tracker.log_artifacts([p.out / n for n in ("table.md", "table.parquet", "table.png")])
         print((p.out / "table.md").read_text(), file=sys.stderr)
 
         stages = {(s, k): reused for r in results if r.error is None

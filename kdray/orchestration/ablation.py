@@ -22,8 +22,9 @@ import yaml
 from kdray.config import (ConfigError, ExperimentConfig, from_dict, get_dotted, to_dict,
                           with_overrides)
 from kdray.eval import stats
-from kdray.orchestration import ray_train, tracking
-from kdray.orchestration.pipeline import Pipeline, StageResult, primary_metric, stage_key
+from kdray.orchestration import ray_train
+from kdray.orchestration.pipeline import Pipeline, StageResult, stage_key
+from kdray.orchestration.tracking import numeric
 from kdray.stages import STAGES, Stage
 
 TABLES_FILE = Path(__file__).resolve().parents[2] / "configs" / "ablations.yaml"
@@ -91,28 +92,21 @@ def run_row(config: dict, ctx: dict) -> None:
     if cfg.ray.num_workers <= 1:                       # one worker: fit in this trial actor
         cfg = with_overrides(cfg, {"ray.num_workers": 0})
     torch.set_num_threads(max(1, int(ctx["cpus_per_trial"])))
-    p = Pipeline(f"{table['name']}-{row}", cfg, argparse.Namespace(**ctx["paths"]))
-    p.experiment_id = ctx["experiment_id"]
-    p.run_id = tracking.start_run(p.uri, p.experiment_id, f"{row}/seed{seed}",
-                                  parent_id=ctx["parent_run_id"],
-                                  tags={"kdray.row": row, "kdray.seed": str(seed),
-                                        "kdray.table": table["name"]})
-    tracking.log_params(p.uri, p.run_id, {k: str(v) for k, v in table["rows"][row]["set"].items()})
-    teacher = StageResult(**ctx["teacher"])
-    results = {"teacher": teacher}
-    try:
+    results = {"teacher": StageResult(**ctx["teacher"])}
+    # The row's run is a child of the table's; the row's stage runs are children of it.
+    with ctx["tracker"].run(f"{row}/seed{seed}", tags={"kdray.row": row, "kdray.seed": str(seed),
+                                                       "kdray.table": table["name"]},
+                            params=table["rows"][row]["set"]) as run:
+        p = Pipeline(f"{table['name']}-{row}", cfg, argparse.Namespace(**ctx["paths"]),
+                     tracker=run)
         for stage in row_kinds(table, row):   # each stage's student is the one before it
             final = results["student"] = p.stage(
                 stage, **{n: results[n] for n in stage.inputs(cfg)})
-    except BaseException:
-        tracking.end_run(p.uri, p.run_id, "FAILED")
-        raise
-    metrics = tracking.numeric(final.metrics)
-    tracking.log_metrics(p.uri, p.run_id, metrics)
-    tracking.end_run(p.uri, p.run_id)
+        metrics = numeric(final.metrics)
+        run.log_metrics(metrics)
     stages = [[r.stage, r.key, r.reused] for r in p.results.values()]
     tune.report({**{k: v for k, v in metrics.items() if k.startswith("val_")},
-                 "mlflow_run_id": p.run_id, "stages": json.dumps(stages)})
+                 "mlflow_run_id": run.run_id, "stages": json.dumps(stages)})
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -126,7 +120,7 @@ def run_table(p: Pipeline, table: dict, seeds: int, teacher: StageResult):
     ray_train.ensure_ray()
     resources, cpus, gpus = trial_resources(p.cfg, ray_train._use_gpu(p.cfg))
     ctx = {"table": table, "cfg": to_dict(p.cfg), "teacher": dataclasses.asdict(teacher),
-           "experiment_id": p.experiment_id, "parent_run_id": p.run_id, "cpus_per_trial": cpus,
+           "tracker": p.tracker, "cpus_per_trial": cpus,
            "paths": {"storage": str(p.storage), "out": str(p.out), "cache": str(p.cache)}}
     trainable = tune.with_resources(tune.with_parameters(run_row, ctx=ctx), resources)
     tuner = tune.Tuner(
