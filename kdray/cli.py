@@ -61,10 +61,8 @@ def _train(args) -> int:
                          f"student's stage")
     if args.dry_run:
         from kdray.data.keypoints import spec_for
-        from kdray.nn.pose_model import build_pose_model
         model_cfg, size = stage.model(cfg), stage.input_size(cfg)
-        model = build_pose_model(model_cfg, spec_for(cfg.data.dataset).num_joints, size,
-                                 cfg.data.split_ratio, size_field=stage.size_key)
+        model = stage.pose_model(cfg, spec_for(cfg.data.dataset))
         print(json.dumps({"stage": stage.name, "backbone": model_cfg.backbone,
                           "input_size": list(size), **complexity(model, size)}))
         return 0
