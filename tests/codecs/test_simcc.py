@@ -82,7 +82,10 @@ def test_soft_argmax_on_peaked_logits():
     mid = soft_argmax(lx2, ly[:1, :1])
     assert mid[0, 0, 0].item() == pytest.approx(15 / 96, abs=1e-6)
     mid.sum().backward()
-    assert lx2.grad is not None
+    # d E[x] / d z_j = beta p_j (j - E[bin]) / n: +-10 * 0.5 * 5 / 96 at the peaks, 0 elsewhere
+    expected = torch.zeros(1, 1, 96)
+    expected[..., 10], expected[..., 20] = -25 / 96, 25 / 96
+    torch.testing.assert_close(lx2.grad, expected)
     # bf16 logits (autocast): the expectation is still taken in fp32.
     smooth = -((torch.arange(96.0) - 61.3) ** 2).view(1, 1, 96) / 200.0
     ref = soft_argmax(smooth, ly[:1, :1])[..., 0]
