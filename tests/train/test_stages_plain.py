@@ -1,7 +1,6 @@
 """Teacher -> TSD stage 1 -> stage 2 and teacher -> CDKD, end to end in plain Python (no Ray)."""
 import json
 
-import cv2
 import pytest
 import torch
 
@@ -11,20 +10,7 @@ from kdray.inference import model_from_checkpoint
 from kdray.nn.pose_model import build_pose_model
 from kdray.stage_run import build_stage, load_records, run_stage
 
-
-def assert_poses_drawn(image, out, printed: dict) -> None:
-    """The PNG is the input image with every printed joint drawn: same size, and pixels changed
-    within 8 px of each joint that lies inside the image (a filled dot or a ring, radius <= 5)."""
-    before, after = cv2.imread(str(image)), cv2.imread(str(out))
-    assert after.shape == before.shape
-    changed = (after != before).any(axis=-1)
-    h, w = changed.shape
-    joints = [(x, y) for person in printed["keypoints"] for x, y, _ in person
-              if 0 <= x < w and 0 <= y < h]
-    assert printed["persons"] == len(printed["keypoints"]) >= 1 and joints
-    for x, y in joints:
-        x, y = int(round(x)), int(round(y))
-        assert changed[max(0, y - 8):y + 9, max(0, x - 8):x + 9].any(), (x, y)
+from ..conftest import assert_poses_drawn
 
 
 def test_tsd_chain_end_to_end(tiny_cfg, tmp_path, real_data, capsys):
