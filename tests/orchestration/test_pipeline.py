@@ -19,7 +19,7 @@ import pytest
 
 from kdray.config import load_config, with_overrides
 from kdray.orchestration import pipeline, ray_train
-from kdray.stages import TEACHER, TSD_STUDENT
+from kdray.stages import TEACHER, TSD_REFINED, TSD_STUDENT
 
 from ..conftest import assert_poses_drawn
 from .conftest import FAST, REPO, SMOKE, load_script, run_then_kill
@@ -116,7 +116,8 @@ def test_mlflow_holds_parent_child_runs_metrics_artifacts_and_models(scenario):
     assert by_label["teacher"].data.tags["kdray.reused"] == "true"
     stage1 = by_label["stage1"]
     assert stage1.info.status == "FINISHED"
-    assert stage1.data.params["tsd.stage1.alpha"]
+    smoke = load_config(SMOKE, scenario["argv"][4:])     # the config the scenario ran
+    assert float(stage1.data.params["tsd.stage1.alpha"]) == smoke.tsd.stage1.alpha
     steps = {m.step for m in client.get_metric_history(stage1.info.run_id, "train/loss_fea")}
     assert steps == {1, 2}                                 # per epoch, step = epoch
     for key in ("train/loss", "train/lr", "train/throughput", "val/AP"):
@@ -133,12 +134,13 @@ def test_mlflow_holds_parent_child_runs_metrics_artifacts_and_models(scenario):
     names = {a.path for a in client.list_artifacts(stage1.info.run_id)}
     assert {"config.yaml", "loss_curve.png", "poses.png", "metrics.json"} <= names
     # Registered, with aliases, and loadable as a pyfunc that takes crops.
-    for name in ("kdray-teacher", "kdray-tsd-student", "kdray-tsd-refined"):
+    for kind in (TEACHER, TSD_STUDENT, TSD_REFINED):
+        name = kind.model_name
         mv = client.get_model_version_by_alias(name, "champion")
         assert client.get_model_version_by_alias(name, "candidate").version == mv.version
         assert mv.tags["stage_key"] and mv.tags["val_set"] and mv.tags["metric"] == "val_AP"
         assert mv.tags["stage_key"] in mv.description and "synthpose" in mv.description
-        assert client.get_registered_model(name).description
+        assert client.get_registered_model(name).description == kind.description
     import mlflow
     import numpy as np
     mlflow.set_tracking_uri(uri)
