@@ -38,3 +38,19 @@ def tiny_cfg(synth_root):
         f"data.root={synth_root}", "data.synth.train=64", "data.synth.val=24",
         "teacher.model.backbone=mobilenetv3_small_100",
         "teacher.train.batch_size=16", "student.train.batch_size=16"])
+
+
+def assert_poses_drawn(image, out, printed: dict) -> None:
+    """The PNG is the input image with every printed joint drawn: same size, and pixels changed
+    within 8 px of each joint that lies inside the image (a filled dot or a ring, radius <= 5)."""
+    import cv2
+    before, after = cv2.imread(str(image)), cv2.imread(str(out))
+    assert after.shape == before.shape
+    changed = (after != before).any(axis=-1)
+    h, w = changed.shape
+    joints = [(x, y) for person in printed["keypoints"] for x, y, _ in person
+              if 0 <= x < w and 0 <= y < h]
+    assert printed["persons"] == len(printed["keypoints"]) >= 1 and joints
+    for x, y in joints:
+        x, y = int(round(x)), int(round(y))
+        assert changed[max(0, y - 8):y + 9, max(0, x - 8):x + 9].any(), (x, y)

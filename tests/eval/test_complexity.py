@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from kdray.codecs.simcc import SimCCCodec
@@ -31,7 +30,12 @@ def test_pose_model_params_flops_and_mode_restored():
     c = complexity(model, (96, 64), batch=2)
     assert c["params"] == sum(p.numel() for p in model.parameters())
     assert c["params_m"] == pytest.approx(c["params"] / 1e6)
-    assert c["flops"] > 0 and c["gmacs"] == pytest.approx(c["flops"] / 2e9)
+    # = the backbone's count + the SimCC head by hand, 2 FLOPs per MAC: its input is the 1/16
+    # map, 48 x (6 x 4); 1x1 conv 48 -> 17 joints on 24 cells, then Linear 24 -> 128 x-bins and
+    # 24 -> 192 y-bins per joint
+    head = 2 * (48 * 17 * 24 + 17 * 24 * 128 + 17 * 24 * 192)
+    assert head == 300288 and c["flops"] == complexity(model.backbone, (96, 64))["flops"] + head
+    assert c["gmacs"] == pytest.approx(c["flops"] / 2e9)
     assert c["flops"] == complexity(model, (96, 64), batch=1)["flops"]  # per image
     assert model.training
 

@@ -1,6 +1,7 @@
 """The plain fit loop: what trains, what resumes, what fails loudly."""
 import json
 
+import cv2
 import pytest
 import torch
 
@@ -50,7 +51,9 @@ def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert full.history[-1]["loss"] == resumed.history[-1]["loss"]
-    assert (tmp_path / "cut" / "loss_curve.png").stat().st_size > 0
+    curve = cv2.imread(str(tmp_path / "cut" / "loss_curve.png"))   # the whole history, redrawn
+    assert curve.shape == (315, 900, 3)             # figsize (10, 3.5) inches at 90 dpi
+    assert (curve == (180, 119, 31)).all(axis=-1).any()   # a line in matplotlib's C0 (BGR)
     saved = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert [h["epoch"] for h in saved["history"]] == [1, 2]
 
