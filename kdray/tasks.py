@@ -48,6 +48,7 @@ class _Task(nn.Module):
     """Shared plumbing: frozen members stay in eval mode whatever ``train()`` is called with."""
     frozen: tuple[str, ...] = ()
     meta: dict = {}
+    freeze_bn: bool = False   # model.freeze_bn: BatchNorm keeps its running statistics
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -55,6 +56,10 @@ class _Task(nn.Module):
             member = getattr(self, name, None)
             if member is not None:
                 member.eval()
+        if mode and self.freeze_bn:  # normalise by the running statistics; gamma/beta train
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def trainable_parameters(self):
