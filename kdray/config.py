@@ -118,6 +118,13 @@ class ModelConfig:
     weights: str = _f("", doc="optional local backbone weights file (.safetensors or a "
                               "torch.save state dict, read with weights_only=True); nothing "
                               "downloads; empty = random init")
+    # With per-rank BatchNorm, N workers normalise over batch/N samples each: data parallelism
+    # then changes results, not only speed (docs/operations.md, "Several workers").
+    freeze_bn: bool = _f(False, doc="keep BatchNorm statistics fixed while training (BN layers "
+                                    "in eval mode; their affine weights still train)")
+    sync_bn: str = _f("auto", choices=("auto", "on", "off"),
+                      doc="SyncBatchNorm across the Ray Train workers (CUDA only; on CPU each "
+                          "rank keeps its own statistics); auto = on with 2+ GPU workers")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class BuiltStage:
     train_loader: object
     evaluate: object
     val: ValSet
+    val_loader: object = None
 
 
 def result_fields(stage: Stage, cfg: ExperimentConfig) -> dict:
@@ -96,6 +97,7 @@ def build_stage(stage: Stage | str, cfg: ExperimentConfig, inputs: dict[str, str
     task = stage.build_task(cfg, spec, train_recs, nets)
     size, low = stage.input_size(cfg), stage.low_res(cfg)
     task.meta = pose_model_meta(stage, cfg, spec)
+    task.freeze_bn = stage.model(cfg).freeze_bn
     train_ds = train_dataset(train_recs, spec, cfg.data, low_res_size=low)  # data.shards
     val_ds = PoseDataset(val_recs, spec, cfg.data, train=False, low_res_size=low)
     t = stage.train(cfg)
@@ -107,7 +109,8 @@ def build_stage(stage: Stage | str, cfg: ExperimentConfig, inputs: dict[str, str
     data = cfg.data
     val = ValSet(val_recs, Path(data.root) / data.val_ann, METRIC[data.dataset], size,
                  crowd_buckets=data.dataset == "synthpose")
-    return BuiltStage(task, t, train_loader, make_evaluator(val_loader, val, t.flip_test), val)
+    return BuiltStage(task, t, train_loader, make_evaluator(val_loader, val, t.flip_test), val,
+                      val_loader)
 
 
 def build_frozen_cache(cfg: ExperimentConfig, inputs: dict[str, str], cache_dir: str | Path,

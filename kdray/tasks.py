@@ -51,6 +51,7 @@ class _Task(nn.Module):
     frozen: tuple[str, ...] = ()
     meta: dict = {}
     view = "image"      # the batch key of the images the deployable model sees
+    freeze_bn: bool = False   # model.freeze_bn: BatchNorm keeps its running statistics
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -58,6 +59,10 @@ class _Task(nn.Module):
             member = getattr(self, name, None)
             if member is not None:
                 member.eval()
+        if mode and self.freeze_bn:  # normalise by the running statistics; gamma/beta train
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def trainable_parameters(self):

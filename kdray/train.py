@@ -265,10 +265,27 @@ def _train_epoch(task, loader, opt, sched, params, cfg, epoch, device, on_progre
                       "steps": steps, "loss": sums.get("loss", 0.0) / max(seen, 1),
                       "ips": seen / max(now - t0, 1e-9)})
     dt = time.perf_counter() - t0
-    terms = {k: v / max(seen, 1) for k, v in sums.items()}
+    total, sums = all_ranks_sum(seen, sums)
+    terms = {k: v / max(total, 1) for k, v in sums.items()}
     terms.update(lr=float(sched.get_last_lr()[0]), throughput=seen / max(dt, 1e-9),
                  epoch_seconds=dt)
     return terms
+
+
+def all_ranks_sum(seen: int, sums: dict[str, float]) -> tuple[int, dict[str, float]]:
+    """The epoch's sample count and per-term loss sums over every data-parallel rank (one
+    all-reduce; identity in a single process), so the logged loss is the mean over all ranks'
+    samples, as one process on the whole global batch would log it."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return seen, sums
+    keys = sorted(sums)   # the same terms on every rank: one order for the flat tensor
+    backend_gpu = dist.get_backend() == "nccl"
+    flat = torch.tensor([float(seen)] + [sums[k] for k in keys], dtype=torch.float64,
+                        device="cuda" if backend_gpu else "cpu")
+    dist.all_reduce(flat)
+    flat = flat.cpu().tolist()
+    return int(flat[0]), dict(zip(keys, flat[1:]))
 
 
 def write_outputs(out: Path, history: list[dict]) -> None:

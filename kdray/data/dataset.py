@@ -7,7 +7,6 @@ for a given seed and the augmentation does not depend on the number of loader wo
 """
 from __future__ import annotations
 
-import math
 import random
 from typing import Sequence
 
@@ -144,28 +143,35 @@ class SeededSampler(Sampler):
     """Yields ``(index, item_seed)``; order and seeds come from ``default_rng([seed, epoch])``.
 
     The epoch advances on every ``iter()``; :meth:`set_epoch` pins it (resume). With
-    ``world_size > 1`` each rank takes every world_size-th index of the padded order, like
-    ``DistributedSampler`` (pass ``add_dist_sampler=False`` to Ray's ``prepare_data_loader``).
+    ``world_size > 1`` rank r takes every world_size-th index of the order starting at r
+    (pass ``add_dist_sampler=False`` to Ray's ``prepare_data_loader``): the ranks' shares are
+    disjoint. ``even`` (training) drops the order's last ``n % world_size`` indices so every
+    rank runs as many steps (DDP's all-reduce is a barrier per step) and the union is the
+    epoch a single process would train on with ``drop_last``; without it (evaluation) the
+    shares differ by at most one and their union is every index.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 even: bool = True):
         self.n, self.shuffle, self.seed = int(n), bool(shuffle), int(seed)
-        self.rank, self.world_size = int(rank), int(world_size)
+        self.rank, self.world_size, self.even = int(rank), int(world_size), bool(even)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size)
+        if self.even:
+            return self.n // self.world_size
+        return len(range(self.rank, self.n, self.world_size))
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         seeds = rng.integers(0, 2**62, size=self.n)
-        total = len(self) * self.world_size
-        order = np.resize(order, total)  # pad by wrapping so every rank gets len(self) items
+        if self.even:
+            order = order[:len(self) * self.world_size]
         idx = order[self.rank::self.world_size]
         return iter([(int(i), int(seeds[i])) for i in idx])
 
@@ -178,22 +184,34 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def seed_fresh_worker(worker_id: int) -> None:
+    """:func:`seed_worker` for a worker started by ``spawn``/``forkserver``: a fresh process,
+    so OpenCV's thread pool is its own and one thread is set here (no fork hazard)."""
+    cv2.setNumThreads(1)
+    seed_worker(worker_id)
+
+
 def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int,
                 pin_memory: bool | None = None, drop_last: bool | None = None,
-                rank: int = 0, world_size: int = 1) -> DataLoader:
+                rank: int = 0, world_size: int = 1, mp_context: str | None = None
+                ) -> DataLoader:
     """A deterministic loader: shuffled by :class:`SeededSampler` in training, in order otherwise.
 
     ``drop_last`` defaults to ``train`` (unless that would leave no batch at all);
     ``pin_memory`` to whether CUDA is available; workers persist across epochs. With workers,
     OpenCV is switched to one thread in this process (inherited by the forked workers).
+    ``mp_context``: how worker processes start (None = the platform's default, fork on Linux);
+    a Ray worker passes ``forkserver``, as Ray's docs ask: forking a process that runs Ray's
+    threads and gRPC clients can deadlock the child.
     """
     sampler = SeededSampler(len(dataset), shuffle=train, seed=seed, rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, even=train)
     if drop_last is None:
         drop_last = bool(train) and len(sampler) >= batch_size
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    if num_workers > 0:
+    fresh = num_workers > 0 and mp_context in ("spawn", "forkserver")
+    if num_workers > 0 and not fresh:
         # One OpenCV thread per worker (the workers are the parallelism). It must be set here,
         # in the parent, before the fork: OpenCV's pthreads pool is not fork-safe, and calling
         # cv2.setNumThreads inside a forked worker deadlocked about 1 run in 10 (measured).
@@ -202,5 +220,7 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int
     gen = torch.Generator()
     gen.manual_seed(int(seed))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=seed_worker,
-                      generator=gen, persistent_workers=num_workers > 0)
+                      pin_memory=pin_memory, drop_last=drop_last,
+                      worker_init_fn=seed_fresh_worker if fresh else seed_worker,
+                      generator=gen, persistent_workers=num_workers > 0,
+                      multiprocessing_context=mp_context if num_workers > 0 else None)

@@ -79,8 +79,34 @@ def score(val: ValSet, preds: dict) -> dict:
     return metrics
 
 
+def merge_predictions(shards: list[dict]) -> dict:
+    """The ranks' :func:`predict_dataset` outputs as one, in dataset order (what a single
+    process predicts over the whole loader); an index seen twice is a sharding bug."""
+    merged = {k: np.concatenate([s[k] for s in shards]) for k in ("coords", "scores", "index")}
+    order = np.argsort(merged["index"], kind="stable")
+    merged = {k: v[order] for k, v in merged.items()}
+    if len(np.unique(merged["index"])) != len(merged["index"]):
+        raise ValueError("evaluation shards overlap: an item was predicted on two ranks")
+    return merged
+
+
+def gather_predictions(preds: dict) -> dict | None:
+    """Under torch.distributed: every rank's predictions on rank 0 (merged), None elsewhere;
+    in a single process, ``preds`` itself."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return preds
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shards = [None] * world if rank == 0 else None
+    dist.gather_object(preds, shards, dst=0)
+    return merge_predictions(shards) if rank == 0 else None
+
+
 def make_evaluator(loader, val: ValSet, flip_test: bool = True):
-    """The ``evaluate(task) -> metrics`` callback that kdray.train.fit calls."""
+    """The ``evaluate(task) -> metrics`` callback that kdray.train.fit calls. Under
+    torch.distributed every rank predicts its shard of the val set (``loader`` holds that
+    shard), rank 0 gathers them and scores once (pycocotools); the other ranks return {}."""
     def evaluate(task) -> dict:
-        return score(val, predict_dataset(task, loader, val.input_size, flip_test))
+        preds = gather_predictions(predict_dataset(task, loader, val.input_size, flip_test))
+        return {} if preds is None else score(val, preds)
     return evaluate

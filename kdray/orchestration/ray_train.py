@@ -34,6 +34,9 @@ from kdray.config import ExperimentConfig, from_dict, to_dict
 from kdray.train import FitResult, fit, load_checkpoint, seed_everything, write_outputs
 
 _started_ray = False
+# How a Ray worker's DataLoader starts its processes: not fork (Ray's docs on torch
+# DataLoaders inside Ray workers; a forked child inherits Ray's threads and gRPC state).
+LOADER_START = "forkserver"
 
 
 def ensure_ray() -> None:
@@ -82,6 +85,9 @@ def shutdown_ray() -> None:
         import ray
         ray.shutdown()
         _started_ray = False
+# How a Ray worker's DataLoader starts its processes: not fork (Ray's docs on torch
+# DataLoaders inside Ray workers; a forked child inherits Ray's threads and gRPC state).
+LOADER_START = "forkserver"
 
 
 def _use_gpu(cfg: ExperimentConfig) -> bool:
@@ -134,6 +140,7 @@ def fit_on_ray(stage, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, 
 
     ensure_ray()
     gpu = _use_gpu(cfg)
+    _note_batch_stats(stage.model(cfg), cfg.ray.num_workers, gpu)
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     threads = max(1, int(cfg.ray.cpus_per_worker))
     loop_config = {"stage": stage, "run_name": run_name, "cfg": to_dict(cfg),
@@ -208,6 +215,29 @@ def _forwarded(progress, mlflow, world: int):
         queue.shutdown()
 
 
+_noted_cpu_bn = False
+
+
+def _note_batch_stats(model, world: int, gpu: bool) -> None:
+    """Say once per process that CPU workers keep per-rank BatchNorm statistics:
+    ``torch.nn.SyncBatchNorm`` runs on CUDA only (it raises on CPU tensors)."""
+    global _noted_cpu_bn
+    if world < 2 or gpu or model.freeze_bn or model.sync_bn == "off" or _noted_cpu_bn:
+        return
+    from kdray.console import log
+    log(f"note: model.sync_bn={model.sync_bn} but SyncBatchNorm needs CUDA; the {world} CPU "
+        f"workers keep per-rank BatchNorm statistics (model.freeze_bn=true keeps them fixed)")
+    _noted_cpu_bn = True
+
+
+def _sync_bn(task: torch.nn.Module, model, world: int, device: torch.device):
+    """SyncBatchNorm (statistics over the global batch) for 2+ CUDA workers unless
+    ``model.sync_bn=off``; frozen statistics (``model.freeze_bn``) need no syncing."""
+    if world < 2 or device.type != "cuda" or model.sync_bn == "off" or model.freeze_bn:
+        return task
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+
+
 def _storage(path: str | Path) -> str:
     """Ray's storage: a local/shared folder (made absolute) or a URI such as ``s3://b/p``."""
     text = str(path)
@@ -222,6 +252,7 @@ def _worker(config: dict) -> None:
     import ray.train.torch
 
     from kdray.data.dataset import make_loader
+    from kdray.eval.runner import make_evaluator
     from kdray.stage_run import build_stage
     from kdray.train import fast_paths
 
@@ -235,9 +266,16 @@ def _worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     # The global batch stays cfg.batch_size: each rank takes its share of SeededSampler's order.
     loader = make_loader(built.train_loader.dataset, max(1, t.batch_size // world), True,
-                         cfg.data.num_workers, t.seed, rank=rank, world_size=world)
+                         cfg.data.num_workers, t.seed, rank=rank, world_size=world,
+                         mp_context=LOADER_START)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
-    task = built.task.to(device)
+    # Each rank scores its shard of the val set; rank 0 gathers and runs pycocotools once.
+    val = built.val_loader
+    evaluate = make_evaluator(make_loader(val.dataset, val.batch_size, False,
+                                          cfg.data.num_workers, t.seed, rank=rank,
+                                          world_size=world, mp_context=LOADER_START),
+                              built.val, t.flip_test)
+    task = _sync_bn(built.task, config["stage"].model(cfg), world, device).to(device)
     if fast_paths(t, device).channels_last:
         task.to(memory_format=torch.channels_last)  # before DDP builds its gradient buckets
     task = ray.train.torch.prepare_model(
@@ -258,7 +296,7 @@ def _worker(config: dict) -> None:
         report = _reporter(None, rank, world, ray.train.report)
         queue = config["progress"]
         fit(task, loader, t, scratch / "out" if rank == 0 else None,
-            built.evaluate if (rank == 0 and config["evaluate"]) else None,
+            evaluate if config["evaluate"] else None,
             report=report, resume_from=resume, is_main=rank == 0, device=device,
             on_progress=queue.put_nowait if queue is not None and rank == 0 else None)
     finally:

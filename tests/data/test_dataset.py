@@ -135,10 +135,28 @@ def test_eval_loader_keeps_order_and_every_item(coco):
     assert batches[0]["image"].dtype == torch.uint8
 
 
-def test_sampler_shards_cover_everything():
-    shards = [list(SeededSampler(10, True, seed=1, rank=r, world_size=3)) for r in range(3)]
-    assert all(len(s) == 4 for s in shards)
-    assert {i for s in shards for i, _ in s} == set(range(10))
+def _shards(n, world, epoch, **kw):
+    samplers = [SeededSampler(n, True, seed=1, rank=r, world_size=world, **kw)
+                for r in range(world)]
+    for s in samplers:
+        s.set_epoch(epoch)
+    return [[i for i, _ in s] for s in samplers]
+
+
+def test_sampler_shards_are_disjoint_and_cover_the_epoch():
+    for epoch in (0, 1):
+        whole = _shards(10, 1, epoch)[0]
+        train = _shards(10, 3, epoch)
+        assert [len(s) for s in train] == [3, 3, 3]           # the same steps on every rank
+        flat = [i for s in train for i in s]
+        assert len(set(flat)) == 9                             # disjoint
+        # the union is the single-process epoch less its tail (10 % 3 = 1 item), and step k
+        # of the ranks together is step k of one process with the global batch
+        assert sorted(flat) == sorted(whole[:9])
+        assert [train[r][0] for r in range(3)] == whole[:3]
+    evals = [[i for i, _ in SeededSampler(10, False, rank=r, world_size=3, even=False)]
+             for r in range(3)]
+    assert evals == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]       # every item once, none padded
     sampler = SeededSampler(10, True, seed=1)
     first = list(sampler)
     sampler.set_epoch(0)
