@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from kdray.cli import main as kdray
+from kdray.codecs.simcc import SimCCCodec
+from kdray.data.keypoints import COCO
 from kdray.eval.complexity import complexity
 from kdray.inference import model_from_checkpoint
 from kdray.nn.pose_model import build_pose_model
@@ -71,8 +73,9 @@ def test_train_cli_writes_outputs_and_dry_run(tiny_cfg, tmp_path, capsys, synth_
     assert kdray(["train", "--config", str(cfg_file), "--dry-run"]) == 0
     info = json.loads(capsys.readouterr().out)
     # the teacher's network at the teacher's input size: the model the stage would train
-    model = build_pose_model(tiny_cfg.teacher.model, 17, tiny_cfg.data.input_size,
-                             tiny_cfg.data.split_ratio)
+    model = build_pose_model(tiny_cfg.teacher.model, SimCCCodec(tiny_cfg.data.input_size,
+                                                                tiny_cfg.data.split_ratio),
+                             COCO.flip_index())
     assert info["stage"] == "teacher" and info["input_size"] == list(tiny_cfg.data.input_size)
     assert info["params"] == sum(p.numel() for p in model.parameters())
     assert info["gflops"] == pytest.approx(complexity(model, tiny_cfg.data.input_size)["gflops"])
