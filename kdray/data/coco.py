@@ -293,6 +293,13 @@ def load_mpii(ann_file, image_dir, check_images: bool = True
     return records, spec_for("mpii")
 
 
+def image_folder(data_cfg, split: str) -> str:
+    """The split's image folder relative to ``data.root``: ``data.train_images`` /
+    ``data.val_images`` as COCO ships them (train2017/, val2017/), else ``data.image_dir``."""
+    own = data_cfg.train_images if split == "train" else data_cfg.val_images
+    return own or data_cfg.image_dir
+
+
 def load_dataset(data_cfg, split: str) -> tuple[list[PersonRecord], KeypointSpec]:
     """The reader ``data_cfg.dataset`` names, paths resolved against ``data_cfg.root``.
 
@@ -304,7 +311,7 @@ def load_dataset(data_cfg, split: str) -> tuple[list[PersonRecord], KeypointSpec
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = Path(data_cfg.root)
     ann = root / (data_cfg.train_ann if split == "train" else data_cfg.val_ann)
-    image_dir = root / data_cfg.image_dir
+    image_dir = root / image_folder(data_cfg, split)
     if data_cfg.dataset == "mpii":
         records, spec = load_mpii(ann, image_dir)
         if split == "train":
