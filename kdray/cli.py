@@ -62,8 +62,10 @@ def _train(args) -> int:
     if args.dry_run:
         from kdray.data.keypoints import spec_for
         from kdray.nn.pose_model import build_pose_model
+        import dataclasses
         model_cfg, size = stage.model(cfg), stage.input_size(cfg)
-        model = build_pose_model(model_cfg, spec_for(cfg.data.dataset).num_joints, size,
+        # counting needs no ImageNet weights (nor a download)
+        model = build_pose_model(dataclasses.replace(model_cfg, pretrained=False, weights=""), spec_for(cfg.data.dataset).num_joints, size,
                                  cfg.data.split_ratio, size_field=stage.size_key)
         print(json.dumps({"stage": stage.name, "backbone": model_cfg.backbone,
                           "input_size": list(size), **complexity(model, size)}))
@@ -75,6 +77,9 @@ def _train(args) -> int:
         raise InputError(f"--stage {stage.name} needs {' and '.join(missing)} (a checkpoint "
                          f"file or folder from an earlier `kdray train`, e.g. "
                          f"runs/{missing[0][2:]}/checkpoints/last.pt)")
+    if not stage.refined:  # ImageNet weights: downloaded, or a clear stop, before any compute
+        from kdray.nn.pretrained import backbone_weights
+        backbone_weights(stage.model(cfg), stage.model_key)
     out = Path(args.out).resolve()
     claim_out_dir(stage, cfg, out, inputs, overwrite=args.overwrite)  # resume or refuse
     progress = ConsoleProgress(stage.name)

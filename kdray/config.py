@@ -121,9 +121,14 @@ class ModelConfig:
                                 doc="factor on the initial weights of the SimCC head's two "
                                     "Linear classifiers (biases start at 0); 1.0 = PyTorch's "
                                     "default init")
-    weights: str = _f("", doc="optional local backbone weights file (.safetensors or a "
-                              "torch.save state dict, read with weights_only=True); nothing "
-                              "downloads; empty = random init")
+    pretrained: bool = _f(False, doc="start the backbone from timm's ImageNet weights, as the "
+                                     "papers do: downloaded into the Hugging Face cache when "
+                                     "online, read from it offline; an entry point fails before "
+                                     "any compute when neither works (then use weights)")
+    weights: str = _f("", doc="local timm classification checkpoint for the backbone (state "
+                              "dict .pth or .safetensors, e.g. timm's model.safetensors; read "
+                              "with weights_only=True); the classifier is skipped, any other "
+                              "key that does not fit fails; empty = random init (or pretrained)")
 
 
 @dataclass(frozen=True)

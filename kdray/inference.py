@@ -64,8 +64,8 @@ def model_from_state(state: dict, source: str = "<state>") -> tuple[nn.Module, d
         spec = spec_for(meta["dataset"])
         size = tuple(meta["input_size"])
         model_cfg = from_dict(meta["model"], f"{source}: meta.model", cls=ModelConfig)
-        # the checkpoint's weights replace the backbone's init: its pretrained file is not needed
-        model_cfg = dataclasses.replace(model_cfg, weights="")
+        # the checkpoint's weights replace the backbone's init: no ImageNet file is needed
+        model_cfg = dataclasses.replace(model_cfg, weights="", pretrained=False)
         student = build_pose_model(model_cfg, meta["num_joints"], size, meta["split_ratio"])
     except (KeyError, TypeError, ValueError) as e:  # ConfigError (a ValueError) included
         raise CheckpointError(f"{source}: checkpoint field 'meta' does not describe a model "

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kdray.config import ConfigError, ModelConfig
 from kdray.nn.backbones import BackboneInfo, build_backbone
+from kdray.nn.pretrained import backbone_weights
 from kdray.nn.simcc_head import SimCCHead
 
 
@@ -57,7 +58,7 @@ class PoseModel(nn.Module):
     def __init__(self, model_cfg: ModelConfig, num_joints: int, input_size: tuple[int, int],
                  split_ratio: float, *, size_field: str = "data.input_size"):
         super().__init__()
-        self.backbone, info = build_backbone(model_cfg.backbone, model_cfg.weights)
+        self.backbone, info = build_backbone(model_cfg.backbone, backbone_weights(model_cfg))
         h, w = check_input_size(input_size, info, size_field)
         head = info.head_index
         n = len(info.reductions)
