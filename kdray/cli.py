@@ -6,6 +6,7 @@
     kdray eval --gt ANN.json --pred RESULTS.json --metric coco|crowdpose|pckh [--json]
     kdray train --config configs/demo_teacher.yaml --out DIR [--stage teacher] [a.b=c ...]
     kdray predict --model CKPT|models:/NAME@ALIAS IMAGE [--boxes DET.json] --out pose.png
+    kdray test --model CKPT|models:/NAME@ALIAS [--config C] [a.b=c ...] --out DIR
     kdray registry list | kdray registry show NAME@ALIAS
 """
 from __future__ import annotations
@@ -140,6 +141,14 @@ def _boxes_for(args, image):
     return boxes if len(boxes) else np.array([[0, 0, w, h]], np.float32)
 
 
+def _test(args) -> int:
+    from kdray.config import load_config
+    from kdray.evaluate import run_test
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(run_test(args.model, cfg, args.out)))
+    return 0
+
+
 def _registry(args) -> int:
     from kdray.orchestration import tracking
     uri = tracking.existing_store()  # reading must not create an empty mlflow.db
@@ -230,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="pose.png",
                     help="image with the drawn skeletons (default: %(default)s)")
 
+    te = sub.add_parser("test", help="run a model on the config's val split: results.json "
+                                     "(what kdray eval reads) and metrics.json")
+    te.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS")
+    te.add_argument("--config", default=None,
+                    help="YAML config whose data section gives the val split (default: the "
+                         "built-in defaults, docs/config.md)")
+    te.add_argument("--out", default="runs/test",
+                    help="output dir: results.json, metrics.json (default: %(default)s)")
+    te.add_argument("overrides", nargs="*",
+                    help="dotted.key=value config overrides, e.g. data.root=data/coco")
+
     r = sub.add_parser("registry", help="MLflow model registry").add_subparsers(
         dest="reg_cmd", required=True)
     r.add_parser("list", help="registered kdray models with their aliases")
@@ -248,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     handler = {"data": _data, "eval": _eval, "train": _train, "predict": _predict,
-               "registry": _registry}[args.cmd]
+               "test": _test, "registry": _registry}[args.cmd]
     from kdray.errors import run_main
     return run_main(handler, args, "kdray")  # a user's mistake: one line on stderr, exit 2
 

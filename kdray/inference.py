@@ -101,6 +101,18 @@ class Predictor:
         self.codec = SimCCCodec(self.size, meta["split_ratio"], meta["sigma"])
 
     @torch.no_grad()
+    def crops(self, images: torch.Tensor, flip_test: bool = True):
+        """uint8 (B, 3, H, W) RGB crops at the input size -> coords (B, K, 2) in crop pixels,
+        scores (B, K)."""
+        images = normalize(images)
+        if isinstance(self.module, RefinedPoseModel):
+            out = self.module.refine(images, flip_test=flip_test)
+            return out["poses"][-1] * self.module.wh, out["scores"]
+        lx, ly, _ = simcc_logits(self.module, images, self.spec.flip_index(), flip_test,
+                                 self.codec.split_ratio)
+        return self.codec.decode(lx, ly)
+
+    @torch.no_grad()
     def __call__(self, image_rgb: np.ndarray, boxes: np.ndarray, flip_test: bool = True):
         """image (H, W, 3) uint8 RGB, boxes (N, 4) xywh -> keypoints (N, K, 3): x, y, score."""
         import cv2
@@ -115,13 +127,6 @@ class Predictor:
         if not crops:
             return np.zeros((0, self.spec.num_joints, 3), np.float32)
         x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(self.device)
-        images = normalize(x)
-        if isinstance(self.module, RefinedPoseModel):
-            out = self.module.refine(images, flip_test=flip_test)
-            coords, scores = out["poses"][-1] * self.module.wh, out["scores"]
-        else:
-            lx, ly, _ = simcc_logits(self.module, images, self.spec.flip_index(), flip_test,
-                                     self.codec.split_ratio)
-            coords, scores = self.codec.decode(lx, ly)
+        coords, scores = self.crops(x, flip_test)
         img = back_to_image(coords.cpu().numpy(), np.stack(centers), np.stack(scales), self.size)
         return np.concatenate([img, scores.cpu().numpy()[..., None]], -1).astype(np.float32)
