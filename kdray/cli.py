@@ -7,6 +7,7 @@
     kdray train --config configs/demo_teacher.yaml --out DIR [--stage teacher] [a.b=c ...]
     kdray predict --model CKPT|models:/NAME@ALIAS IMAGE [--boxes DET.json] --out pose.png
     kdray test --model CKPT|models:/NAME@ALIAS [--config C] [a.b=c ...] --out DIR
+    kdray export --model CKPT|models:/NAME@ALIAS --onnx OUT.onnx
     kdray registry list | kdray registry show NAME@ALIAS
 """
 from __future__ import annotations
@@ -149,6 +150,13 @@ def _test(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from kdray.evaluate import load_model
+    from kdray.export import export_onnx
+    print(json.dumps(export_onnx(*load_model(args.model), args.onnx)))
+    return 0
+
+
 def _registry(args) -> int:
     from kdray.orchestration import tracking
     uri = tracking.existing_store()  # reading must not create an empty mlflow.db
@@ -250,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("overrides", nargs="*",
                     help="dotted.key=value config overrides, e.g. data.root=data/coco")
 
+    ex = sub.add_parser("export", help="the deployable network as ONNX (crops in, decoded "
+                                       "keypoints out; docs in kdray/export.py)")
+    ex.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS")
+    ex.add_argument("--onnx", required=True, help="ONNX file to write, e.g. pose.onnx")
+
     r = sub.add_parser("registry", help="MLflow model registry").add_subparsers(
         dest="reg_cmd", required=True)
     r.add_parser("list", help="registered kdray models with their aliases")
@@ -268,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     handler = {"data": _data, "eval": _eval, "train": _train, "predict": _predict,
-               "test": _test, "registry": _registry}[args.cmd]
+               "test": _test, "export": _export, "registry": _registry}[args.cmd]
     from kdray.errors import run_main
     return run_main(handler, args, "kdray")  # a user's mistake: one line on stderr, exit 2
 
