@@ -109,7 +109,8 @@ def _predict(args) -> int:
     canvas = read_image(args.image)  # BGR uint8; a clear error naming the file
     boxes = _boxes_for(args, canvas)  # validated before the model loads
     if args.model.startswith("models:/"):
-        from kdray.orchestration.tracking import existing_store, load_registered
+        from kdray.orchestration.registry import load_registered
+        from kdray.orchestration.tracking import existing_store
         module, meta = load_registered(args.model, existing_store())
     else:
         module, meta = model_from_checkpoint(args.model)
@@ -158,12 +159,12 @@ def _export(args) -> int:
 
 
 def _registry(args) -> int:
-    from kdray.orchestration import tracking
+    from kdray.orchestration import registry, tracking
     uri = tracking.existing_store()  # reading must not create an empty mlflow.db
     if args.reg_cmd == "list":
-        print(json.dumps(tracking.list_models(uri), indent=1))
+        print(json.dumps(registry.list_models(uri), indent=1))
     else:
-        print(json.dumps(tracking.show_model(args.ref, uri), indent=1))
+        print(json.dumps(registry.show_model(args.ref, uri), indent=1))
     return 0
 
 

@@ -88,8 +88,8 @@ class DataConfig:
     scale_range: tuple[float, float] = _f((0.75, 1.25),
                                           doc="training: box scale multiplied by U(lo, hi); "
                                               "0 < lo <= hi")
-    rotation: float = _f(40.0, lo=0.0, hi=180.0,
-                         doc="training: rotation drawn from U(-rotation, rotation) degrees")
+    rotation: float = _f(40.0, lo=0.0, hi=180.0, doc="training: rotation ~ U(-rotation, "
+                                                      "rotation) degrees")
     rotation_prob: float = _f(0.6, lo=0.0, hi=1.0,
                               doc="training: chance that a crop is rotated at all")
     half_body_prob: float = _f(0.3, lo=0.0, hi=1.0,
@@ -134,8 +134,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """The plain fit loop (kdray.train.fit)."""
-    epochs: int = _f(10, lo=1, doc="training epochs T (also TSD's gamma(t) and ETHT's xi(t) "
-                                   "horizon)")
+    epochs: int = _f(10, lo=1, doc="training epochs T (also TSD's gamma(t) and ETHT's reversal-"
+                                   "strength horizon)")
     batch_size: int = _f(32, lo=1, doc="global batch size, split over the Ray Train workers")
     lr: float = _f(2e-3, lo=0.0, hi=1.0, doc="Adam learning rate")
     weight_decay: float = _f(0.0, lo=0.0, doc="Adam weight decay (L2)")
@@ -168,7 +168,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class StageConfig:
+class TrainedModelConfig:
     """One model and how it is trained."""
     model: ModelConfig = _f(ModelConfig(), doc="the SimCC pose network")
     train: TrainConfig = _f(TrainConfig(), doc="how it is trained")
@@ -219,7 +219,7 @@ class TSDConfig:
 @dataclass(frozen=True)
 class CDKDConfig:
     """CDKD (cross-resolution KD): SAPE, CCA, ETHT (docs/methods.md section 3)."""
-    student: StageConfig = _f(StageConfig(), doc="the low-resolution student and its training")
+    student: TrainedModelConfig = _f(TrainedModelConfig(), doc="the low-resolution student and its training")
     low_res_size: tuple[int, int] = _f((32, 32), doc="(H, W) of the student's input: the same "
                                                      "crop as the teacher's, warped to this size")
     projectors: int = _f(3, lo=1, hi=8, doc="number N of SAPE projectors (Table VI)")
@@ -242,11 +242,13 @@ class CDKDConfig:
     etht: tuple[str, ...] = _f(("tau",), doc="what ETHT learns by gradient reversal, a subset "
                                              "of [tau, alpha, beta] (Table VIII); [] = NECM "
                                              "(fixed tau)")
-    xi_max: float = _f(1.0, lo=0.0, doc="final value of the gradient-reversal factor xi(t), "
-                                        "CDKD Eq. (12)")
-    xi_schedule: str = _f("cosine", choices=("cosine", "ctkd"),
-                          doc="xi(t): cosine = xi_max (1 - cos(pi t/T)) / 2 over the run; ctkd "
-                              "= the same ramp over the first 10 epochs, then xi_max")
+    # CDKD calls this strength xi; kdray keeps xi for TSD's Eq. (7) weight (tsd.stage2.xi).
+    reversal_max: float = _f(1.0, lo=0.0, doc="final value of ETHT's gradient-reversal strength "
+                                              "(CDKD's xi(t), Eq. 12)")
+    reversal_schedule: str = _f("cosine", choices=("cosine", "ctkd"),
+                                doc="the reversal strength over training: cosine = reversal_max "
+                                    "(1 - cos(pi t/T)) / 2 over the run; ctkd = the same ramp "
+                                    "over the first 10 epochs, then reversal_max")
 
 
 @dataclass(frozen=True)
@@ -280,8 +282,8 @@ class ExperimentConfig:
     name: str = _f("kdray", doc="a label for the experiment; logged with the config, not part "
                                 "of any stage key")
     data: DataConfig = _f(DataConfig(), doc="dataset, crops and augmentation (every stage)")
-    teacher: StageConfig = _f(StageConfig(), doc="the teacher (plain SimCC training)")
-    student: StageConfig = _f(StageConfig(model=ModelConfig(backbone="mobilenetv3_small_100")),
+    teacher: TrainedModelConfig = _f(TrainedModelConfig(), doc="the teacher (plain SimCC training)")
+    student: TrainedModelConfig = _f(TrainedModelConfig(model=ModelConfig(backbone="mobilenetv3_small_100")),
                               doc="the TSD student (stage 1) and the undistilled baseline")
     tsd: TSDConfig = _f(TSDConfig(), doc="TSD two-stage distillation")
     cdkd: CDKDConfig = _f(CDKDConfig(), doc="CDKD cross-resolution distillation")
@@ -343,6 +345,16 @@ def _coerce(value, tp, where: str):
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
+# Keys renamed since they first shipped: an old config gets the new name in its error.
+RENAMED = {"cdkd.xi_max": "cdkd.reversal_max", "cdkd.xi_schedule": "cdkd.reversal_schedule"}
+
+
+def _unknown(key: str, known) -> str:
+    if key in RENAMED:
+        return f"{key}: renamed to {RENAMED[key]}"
+    return f"{key}: unknown key (known here: {', '.join(sorted(known))})"
+
+
 def _build(cls, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix or '<top>'}: expected a mapping, got {data!r}")
@@ -350,8 +362,7 @@ def _build(cls, data: dict, prefix: str, source: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        key = f"{prefix}{unknown[0]}"
-        raise ConfigError(f"{source}: {key}: unknown key (known here: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{source}: {_unknown(prefix + unknown[0], fields)}")
     kwargs = {}
     for name, value in data.items():
         f, tp, key = fields[name], hints[name], f"{prefix}{name}"
@@ -604,7 +615,8 @@ def get_dotted(cfg, key: str):
     node = cfg
     for p in key.split("."):
         if not hasattr(node, p):
-            raise ConfigError(f"{key}: unknown key")
+            raise ConfigError(f"{key}: renamed to {RENAMED[key]}" if key in RENAMED
+                              else f"{key}: unknown key")
         node = getattr(node, p)
     return node
 

@@ -136,6 +136,9 @@ class CDKDStudent(Stage):
         return ("teacher",) if (cfg.cdkd.feature_loss or cfg.cdkd.logit_loss) else ()
 
     def sections(self, cfg):
+        if not self.inputs(cfg):   # trained alone: the KD settings change nothing, so the
+            # baseline of pipelines/cdkd.py and of every CDKD table is one cached stage
+            return {"cdkd.student": cfg.cdkd.student, "cdkd.low_res_size": cfg.cdkd.low_res_size}
         return {"cdkd": cfg.cdkd}
 
     def build_task(self, cfg, spec, train_records, nets):

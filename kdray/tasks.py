@@ -40,7 +40,7 @@ def student_task_loss(model: nn.Module, images: torch.Tensor, batch: dict, suffi
     out = model(images)
     lx, ly = out["logits_x"].float(), out["logits_y"].float()
     loss = simcc_kl_loss(lx, ly, batch["target_x" + suffix], batch["target_y" + suffix],
-                         batch["target_weight" + suffix], beta=SOFTMAX_SCALE)
+                         batch["target_weight" + suffix], scale=SOFTMAX_SCALE)
     return out, lx, ly, loss
 
 
@@ -228,15 +228,13 @@ class CDKDTask(_Task):
                           kernel_mix=parse_kernel_mix(cfg.sau_kernels), use_sau=cfg.sau)
                      if cfg.feature_loss else None)
         lo, hi = cfg.tau_range
-        self.tau = (etht.LearnableTemperature(cfg.tau_init, lo, hi)
-                    if "tau" in cfg.etht else None)
-        self.alpha = (etht.learnable_loss_weight(cfg.alpha)
-                      if "alpha" in cfg.etht else None)
-        self.beta = (etht.learnable_loss_weight(cfg.beta)
-                     if "beta" in cfg.etht else None)
+        learnt = cfg.etht if teacher is not None else ()   # alone: nothing to learn by ETHT
+        self.tau = etht.LearnableTemperature(cfg.tau_init, lo, hi) if "tau" in learnt else None
+        self.alpha = etht.learnable_loss_weight(cfg.alpha) if "alpha" in learnt else None
+        self.beta = etht.learnable_loss_weight(cfg.beta) if "beta" in learnt else None
 
-    def _value(self, learnable, fixed: float, xi: float):
-        return learnable(xi) if learnable is not None else fixed
+    def _value(self, learnable, fixed: float, strength: float):
+        return learnable(strength) if learnable is not None else fixed
 
     def forward(self, batch: dict, progress) -> dict:
         s, s_lx, s_ly, l_ori = student_task_loss(self.model, normalize(batch["image_low"]),
@@ -244,7 +242,8 @@ class CDKDTask(_Task):
         terms = {"loss_ori": l_ori}
         zero = l_ori.new_zeros(())
         l_fea = l_logit = zero
-        xi = etht.xi_schedule(progress.fraction, self.cfg.xi_max, self.cfg.xi_schedule,
+        strength = etht.reversal_schedule(progress.fraction, self.cfg.reversal_max,
+                                            self.cfg.reversal_schedule,
                                      total_epochs=progress.epochs)
         if self.cfg.feature_loss or self.cfg.logit_loss:
             with torch.no_grad():
@@ -254,17 +253,19 @@ class CDKDTask(_Task):
             l_fea = terms["loss_fea"] = cdkd_losses.cosine_feature_loss(f_out,
                                                                         t["feats"][-1].float())
         if self.cfg.logit_loss:
-            tau = self._value(self.tau, self.cfg.tau_init, xi)
+            tau = self._value(self.tau, self.cfg.tau_init, strength)
             l_logit = terms["loss_logit"] = cdkd_losses.cca_logit_loss(
                 s_lx, s_ly, t["logits_x"].float(), t["logits_y"].float(), tau,
-                batch["target_weight_low"], beta_scale=SOFTMAX_SCALE)
-        alpha = self._value(self.alpha, self.cfg.alpha, xi)
-        beta = self._value(self.beta, self.cfg.beta, xi)
+                batch["target_weight_low"], scale=SOFTMAX_SCALE)
+        alpha = self._value(self.alpha, self.cfg.alpha, strength)
+        beta = self._value(self.beta, self.cfg.beta, strength)
         loss = cdkd_losses.cdkd_total_loss(l_ori, l_fea, l_logit, alpha, beta)
         return {"loss": loss, **terms}
 
     def epoch_metrics(self) -> dict:
-        """tau (and alpha, beta when learnt) once per epoch, as the issue asks."""
+        """tau (and alpha, beta when learnt) once per epoch; none for the student alone."""
+        if self.teacher is None:
+            return {}
         tau = self.tau.value.detach() if self.tau is not None else self.cfg.tau_init
         out = {"tau": float(tau)}
         if self.alpha is not None:

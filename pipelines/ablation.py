@@ -1,12 +1,13 @@
 """One paper ablation table, top to bottom.
 
     python pipelines/ablation.py --table tsd-iv|cdkd-iii|cdkd-vi|cdkd-vii|cdkd-viii \
-        [--config ...] [--seeds 2]
+        [--config ...] [--seeds 3]
 
     rows (configs/ablations.yaml) -> how many stage runs the table takes (the stage cache
     shares stages between rows) -> the teacher, once -> rows x seeds as Tune trials, in
     parallel where resources allow -> Markdown table, Parquet file and bar chart with the
-    paper's number beside the measured mean +- std and each row's MLflow runs
+    paper's number beside the measured mean +- std, its 95% CI, the paired difference from
+    the table's baseline row (CI, p, resolved or not) and each row's MLflow runs
 
 Every row is the same code with a different config; on real data with the paper configs the
 same command is the real reproduction. Ends with one JSON line (and summary.json).
@@ -25,7 +26,8 @@ TABLES = ("tsd-iv", "cdkd-iii", "cdkd-vi", "cdkd-vii", "cdkd-viii")
 def _options(p) -> None:
     p.add_argument("--table", required=True, choices=TABLES,
                    help="the paper table to run, rows from configs/ablations.yaml")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per row (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds per row; the statistics need >= 2 (default: %(default)s)")
 
 
 if __name__ == "__main__":   # --help answers before torch, Ray and MLflow load
@@ -33,9 +35,8 @@ if __name__ == "__main__":   # --help answers before torch, Ray and MLflow load
 
 import pandas as pd
 
-from kdray.orchestration import tracking
-from kdray.orchestration.ablation import (bar_chart, load_table, markdown, plan, run_table,
-                                          summarise)
+from kdray.orchestration.ablation import (bar_chart, finished_trials, load_table, markdown, plan,
+                                          run_table, summarise)
 from kdray.orchestration.pipeline import Pipeline, log, parse_args, primary_metric, stage_key
 from kdray.stages import TEACHER
 
@@ -54,14 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
         results = run_table(p, table, args.seeds, teacher)
 
         metric = primary_metric(p.cfg)
-        records = summarise(table, results, metric)
+        records = summarise(table, finished_trials(results), metric)
         (p.out / "table.md").write_text(f"# {args.table} ({metric} on {p.cfg.data.dataset}, "
                                         f"{args.seeds} seeds)\n\n" + markdown(table, records,
                                                                                metric))
         pd.DataFrame(records).to_parquet(p.out / "table.parquet", index=False)
-        bar_chart(table, records, metric, p.out / "table.png")
-        tracking.log_artifacts(p.uri, p.run_id, [p.out / n for n in
-                                                 ("table.md", "table.parquet", "table.png")])
+        bar_chart(table, records, f"{p.cfg.data.dataset} val {metric}", p.out / "table.png")
+        p.tracker.log_artifacts([p.out / n for n in ("table.md", "table.parquet", "table.png")])
         print((p.out / "table.md").read_text(), file=sys.stderr)
 
         stages = {(s, k): reused for r in results if r.error is None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +35,7 @@ if __name__ == "__main__":   # --help answers before torch, Ray and MLflow load
     help_first("sweep", __doc__, _options)
 
 from kdray.config import dump_yaml, with_overrides
-from kdray.orchestration import tracking
-from kdray.orchestration.pipeline import Pipeline, parse_args, primary_metric, stage_key
+from kdray.orchestration.pipeline import Pipeline, parse_args, primary_metric
 from kdray.orchestration.search_space import load_space
 from kdray.stages import TEACHER, TSD_REFINED, TSD_STUDENT
 from kdray.orchestration.tune import close_trial_runs, frozen_outputs, sweep, uses_frozen_cache
@@ -50,13 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = Pipeline("sweep", cfg, args)
     state = p.out / "sweep.json"                       # the parent run to continue on --resume
     previous = json.loads(state.read_text()) if args.resume and state.exists() else {}
-    p.run_id = previous.get("mlflow_run_id", "")
-    with p:
+    with p.resume(previous.get("mlflow_run_id", "")):
         if not previous:                               # a new sweep replaces an old one here
             for old in ("tune", "trials"):
                 shutil.rmtree(p.out / old, ignore_errors=True)
         state.write_text(json.dumps({"mlflow_run_id": p.run_id, "space": space.file}))
-        tracking.log_artifacts(p.uri, p.run_id, [Path(args.space)])
+        p.tracker.log_artifacts([Path(args.space)])
 
         inputs = {}                                    # upstream stages, trained once
         if space.stage is not TEACHER:
@@ -68,9 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         results = sweep(space, p.cfg, out=p.out, inputs={k: r.checkpoint for k, r in
                                                          inputs.items()},
-                        frozen=str(frozen), uri=p.uri, experiment_id=p.experiment_id,
-                        parent_run_id=p.run_id, metric=metric, num_samples=args.num_samples,
-                        resume=bool(previous), seed=args.seed)
+                        frozen=str(frozen), tracker=p.tracker, metric=metric,
+                        num_samples=args.num_samples, resume=bool(previous), seed=args.seed)
         wall = time.perf_counter() - t0
 
         trials = close_trial_runs(p, results)
@@ -80,9 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
         best_id = best.metrics["trial_id"]
         best_cfg = with_overrides(p.cfg, space.overrides(best.config, p.cfg), "<best trial>")
         dump_yaml(best_cfg, p.out / "best_config.yaml")
-        tracking.log_artifacts(p.uri, p.run_id, [table, p.out / "best_config.yaml"])
-        model = _register_candidate(p, space.stage, best_cfg, inputs, trials[best_id],
-                                    metric, best.metrics[metric])
+        p.tracker.log_artifacts([table, p.out / "best_config.yaml"])
+        # The best trial's model, registered under the stage's name as a candidate only.
+        best_run = p.adopt(space.stage, best_cfg, trials[best_id]["dir"],
+                           trials[best_id]["run_id"], best.metrics, **inputs)
+        model = p.register(best_run, metric, promote=False,
+                           description=f"best trial of the sweep {p.out}")
 
         train = sum(t["train_seconds"] for t in trials.values())
         metrics = {f"best_{metric}": best.metrics[metric], "trials": float(len(trials)),
@@ -92,30 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
         return p.finish(metrics, {"best_config": str(p.out / "best_config.yaml"),
                                   "best_trial": best_id, "trials_csv": str(table),
                                   "tune_dir": str(p.out / "tune" / "sweep"),
-                                  "frozen_cache": str(frozen), "candidate": model,
+                                  "frozen_cache": str(frozen),
+                                  "candidate": model["uri"] if model else "",
                                   "trial_attempts": {k: t["attempts"]
                                                      for k, t in trials.items()}})
-
-
-def _register_candidate(p: Pipeline, stage, cfg, inputs: dict, trial: dict, metric: str,
-                        value: float) -> str:
-    """The best trial's model, registered under the stage's name with alias `candidate`."""
-    if not p.cfg.tracking.register:
-        return ""
-    key = stage_key(stage, cfg, {n: inputs[n].key for n in stage.inputs(cfg)})
-    name = stage.model_name
-    model_uri = None
-    if tracking.find_version(p.uri, name, key) is None:
-        with tempfile.TemporaryDirectory(prefix="kdray-export-") as tmp:
-            model_uri = tracking.log_pose_model(p.uri, trial["run_id"],
-                                                trial["dir"] / "checkpoints" / "last.pt",
-                                                tmp).model_uri
-    val_set = tracking.file_hash(Path(p.cfg.data.root) / p.cfg.data.val_ann)
-    reg = tracking.register(p.uri, name, model_uri, run_id=trial["run_id"], stage_key=key,
-                            val_set=val_set, metric=metric, value=float(value), promote=False,
-                            model_description=stage.description,
-                            description=f"best trial of the sweep {p.out}")
-    return f"models:/{reg['name']}/{reg['version']}"
 
 
 if __name__ == "__main__":

@@ -98,3 +98,15 @@ def test_duplicate_keys_are_refused_but_anchors_and_merges_work(tmp_path):
 def test_non_finite_numbers_are_refused(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"{key}: expected a finite number")):
         load_config(None, [override])
+
+
+def test_renamed_keys_name_their_new_name(tmp_path):
+    # CDKD's xi (the ETHT reversal strength) became cdkd.reversal_*; tsd.stage2.xi keeps Eq. 7's
+    path = write(tmp_path, "cdkd:\n  xi_max: 2.0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: cdkd.xi_max: renamed to cdkd.reversal_max"
+    with pytest.raises(ConfigError, match=r": cdkd\.xi_schedule: renamed to cdkd\.reversal_schedule$"):
+        load_config(None, ["cdkd.xi_schedule=ctkd"])
+    cfg = load_config(None, ["cdkd.reversal_max=2.0", "cdkd.reversal_schedule=ctkd"])
+    assert (cfg.cdkd.reversal_max, cfg.cdkd.reversal_schedule) == (2.0, "ctkd")

@@ -34,12 +34,12 @@ class SimCCCodec:
     """SimCC targets and decoding for crops of ``input_size = (H, W)``.
 
     ``sigma`` is the label-smoothing Gaussian's std in bins, one value or ``(sigma_x, sigma_y)``.
-    ``beta`` scales logits before every softmax (softmax(beta * logits), beta = 10).
+    ``softmax_scale`` multiplies logits before every softmax (SimCC's beta, 10).
     """
     input_size: tuple[int, int]
     split_ratio: float = 2.0
     sigma: float | tuple[float, float] = 3.0
-    beta: float = SOFTMAX_SCALE
+    softmax_scale: float = SOFTMAX_SCALE
 
     @property
     def bins(self) -> tuple[int, int]:
@@ -89,11 +89,11 @@ class SimCCCodec:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Argmax decoding: logits_x (B, K, Wx), logits_y (B, K, Hy) ->
         coords (B, K, 2) float32 crop pixels (``argmax / k``), scores (B, K) = min over the axes
-        of the maximum of softmax(beta * logits) (docs/methods.md 1.2). No sub-bin refinement.
+        of the maximum of softmax(softmax_scale * logits) (docs/methods.md 1.2). No sub-bin refinement.
         """
         lx, ly = torch.as_tensor(logits_x), torch.as_tensor(logits_y)
-        px = torch.softmax(lx.float() * self.beta, dim=-1)
-        py = torch.softmax(ly.float() * self.beta, dim=-1)
+        px = torch.softmax(lx.float() * self.softmax_scale, dim=-1)
+        py = torch.softmax(ly.float() * self.softmax_scale, dim=-1)
         conf_x, bx = px.max(dim=-1)
         conf_y, by = py.max(dim=-1)
         coords = torch.stack([bx, by], dim=-1).float() / self.split_ratio
@@ -101,7 +101,7 @@ class SimCCCodec:
 
     def soft_argmax(self, logits_x: torch.Tensor, logits_y: torch.Tensor) -> torch.Tensor:
         """Differentiable coordinates (B, K, 2) in [0, 1): see module-level :func:`soft_argmax`."""
-        return soft_argmax(logits_x, logits_y, beta=self.beta)
+        return soft_argmax(logits_x, logits_y, scale=self.softmax_scale)
 
     def flip_logits(self, logits_x: torch.Tensor, logits_y: torch.Tensor,
                     flip_index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +120,9 @@ def _gaussian(mu: np.ndarray, bins: int, sigma: float, weight: np.ndarray) -> np
     return g.astype(np.float32)
 
 
-def soft_argmax(logits_x: torch.Tensor, logits_y: torch.Tensor, beta: float = SOFTMAX_SCALE
+def soft_argmax(logits_x: torch.Tensor, logits_y: torch.Tensor, scale: float = SOFTMAX_SCALE
                 ) -> torch.Tensor:
-    """Expected bin under softmax(beta * logits), divided by the bin count (TSD's L1 pose term).
+    """Expected bin under softmax(scale * logits), divided by the bin count (TSD's L1 pose term).
 
     logits_x (B, K, Wx), logits_y (B, K, Hy) -> (B, K, 2) = ``(E[b_x] / Wx, E[b_y] / Hy)``,
     which equals ``(x / W, y / H)`` in crop pixels when ``W * k`` is an integer: compare it with
@@ -132,7 +132,7 @@ def soft_argmax(logits_x: torch.Tensor, logits_y: torch.Tensor, beta: float = SO
     out = []
     for logits in (logits_x, logits_y):
         n = logits.shape[-1]
-        p = torch.softmax(logits.float() * beta, dim=-1)  # fp32: bf16 would lose ~1 bin
+        p = torch.softmax(logits.float() * scale, dim=-1)  # fp32: bf16 would lose ~1 bin
         grid = torch.arange(n, device=logits.device, dtype=p.dtype)
         out.append((p * grid).sum(-1) / n)
     return torch.stack(out, dim=-1)

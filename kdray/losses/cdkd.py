@@ -9,7 +9,7 @@
   same loss with a plain float tau.
 
 Temperature (docs/methods.md section 3.4): both sides use the task loss' scaled logits,
-p = softmax(beta_scale * logits / tau) with beta_scale = 10, and the teacher is softened *before*
+p = softmax(scale * logits / tau) with scale = 10, and the teacher is softened *before*
 merging, because Eq. (6) sums probabilities, and the probabilities to distil are the softened ones
 (as in KD, where tau acts on both sides). The gradient w.r.t. tau flows through both sides.
 """
@@ -64,15 +64,15 @@ def cca_merge(teacher_probs: torch.Tensor, overlap: torch.Tensor) -> torch.Tenso
 
 
 def tau_kl(student_logits: torch.Tensor, teacher_merged_probs: torch.Tensor, tau: Scalar,
-           beta_scale: float = SOFTMAX_SCALE, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. (7) for one axis: sum over joints of tau^2 KL(p_t || softmax(beta_scale * z_s / tau)).
+           scale: float = SOFTMAX_SCALE, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. (7) for one axis: sum over joints of tau^2 KL(p_t || softmax(scale * z_s / tau)).
 
     student_logits (B, K, Sb); teacher_merged_probs (B, K, Sb), already softened and merged;
     tau a float (NECM) or a 0-dim tensor (ETHT); weight (B, K) multiplies each joint's KL
     (0 masks it), None = all joints. Reduction: sum over joints (as Eq. 7 writes it), mean over
     the batch, so the scale grows with K (beta in Eq. 8 absorbs that).
     """
-    log_ps = F.log_softmax(beta_scale * student_logits / tau, dim=-1)
+    log_ps = F.log_softmax(scale * student_logits / tau, dim=-1)
     pt = teacher_merged_probs
     # Clamp inside the log only: an empty teacher bin adds 0 * finite = 0 and a finite gradient
     # (xlogy's gradient is 0/0 = NaN there, and under ETHT pt depends on tau).
@@ -85,7 +85,7 @@ def tau_kl(student_logits: torch.Tensor, teacher_merged_probs: torch.Tensor, tau
 
 def cca_logit_loss(student_lx: torch.Tensor, student_ly: torch.Tensor,
                    teacher_lx: torch.Tensor, teacher_ly: torch.Tensor, tau: Scalar,
-                   weight: torch.Tensor | None = None, beta_scale: float = SOFTMAX_SCALE) -> torch.Tensor:
+                   weight: torch.Tensor | None = None, scale: float = SOFTMAX_SCALE) -> torch.Tensor:
     """L_logit, Eqs. (6)-(7), summed over the x and y axes.
 
     student_lx (B, K, Wx_s), student_ly (B, K, Hy_s); teacher_lx (B, K, Wx_t), teacher_ly
@@ -94,9 +94,9 @@ def cca_logit_loss(student_lx: torch.Tensor, student_ly: torch.Tensor,
     """
     total = student_lx.new_zeros(())
     for zs, zt in ((student_lx, teacher_lx), (student_ly, teacher_ly)):
-        pt = F.softmax(beta_scale * zt.detach() / tau, dim=-1)
+        pt = F.softmax(scale * zt.detach() / tau, dim=-1)
         merged = cca_merge(pt, _overlap_on(zt.shape[-1], zs.shape[-1], pt.device, pt.dtype))
-        total = total + tau_kl(zs, merged, tau, beta_scale=beta_scale, weight=weight)
+        total = total + tau_kl(zs, merged, tau, scale=scale, weight=weight)
     return total
 
 

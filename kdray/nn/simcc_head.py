@@ -6,12 +6,12 @@ sub-pixel bins: ``logits_x`` (B, K, W*k) and ``logits_y`` (B, K, H*k), k the spl
 official head's optional MLP between flatten and the classifiers (RTMCC's GAU) is left out: the
 plain Linear layers are the SimCC baseline the TSD and CDKD papers start from.
 
-Initialisation: the loss uses softmax(beta * logits) with beta = 10, so PyTorch's default Linear
-init (weights up to 1/sqrt(h*w)) starts with distributions sharply peaked on random bins, and
-training plateaus for minutes (docs/operations.md, "CPU demo facts"). The two classifiers'
-weights are therefore scaled by ``init_scale`` (``model.head_init_scale``, 0.1 by default) and
-their biases set to zero, so the first predictions are close to uniform. mmpose initialises
-them as N(0, 0.01), zero bias: the same idea.
+Initialisation: the loss uses softmax(10 * logits) (kdray.codecs.simcc.SOFTMAX_SCALE), so PyTorch's
+default Linear init (weights up to 1/sqrt(h*w)) starts with distributions sharply peaked on random
+bins, and training plateaus for minutes (docs/operations.md, "CPU demo facts"). The two
+classifiers' weights are therefore scaled by ``init_scale`` (``model.head_init_scale``, 0.1 by
+default) and their biases set to zero, so the first predictions are close to uniform. mmpose
+initialises them as N(0, 0.01), zero bias: the same idea.
 """
 from __future__ import annotations
 

@@ -19,28 +19,34 @@ from pathlib import Path
 
 import yaml
 
-from kdray.config import ConfigError, ExperimentConfig, from_dict, to_dict, with_overrides
-from kdray.orchestration import ray_train, tracking
-from kdray.orchestration.pipeline import Pipeline, StageResult, primary_metric, stage_key
+from kdray.config import (ConfigError, ExperimentConfig, from_dict, get_dotted, to_dict,
+                          with_overrides)
+from kdray.eval import stats
+from kdray.orchestration import ray_train
+from kdray.orchestration.pipeline import Pipeline, StageResult, stage_key
+from kdray.orchestration.tracking import numeric
 from kdray.stages import STAGES, Stage
 
 TABLES_FILE = Path(__file__).resolve().parents[2] / "configs" / "ablations.yaml"
+# What a table's seed k moves (+k): every trained stage's seed but the teacher's (shared).
+SEED_FIELDS = ("student.train.seed", "tsd.stage2.train.seed", "cdkd.student.train.seed")
 
 
 def load_table(name: str, path: str | Path = TABLES_FILE) -> dict:
     tables = yaml.safe_load(Path(path).read_text())
     if name not in tables:
         raise KeyError(f"{path}: no table {name!r} (known: {', '.join(tables)})")
-    return tables[name]
+    table = tables[name]
+    if table.get("baseline", next(iter(table["rows"]))) not in table["rows"]:
+        raise ConfigError(f"{path}: {name}.baseline: {table['baseline']!r} is not a row "
+                          f"(rows: {', '.join(table['rows'])})")
+    return table
 
 
 def row_config(cfg: ExperimentConfig, table: dict, row: str, seed: int) -> ExperimentConfig:
     """The row's overrides, then the seed offset on every trained stage but the teacher."""
     cfg = with_overrides(cfg, table["rows"][row]["set"], source=f"ablations.yaml: {row}")
-    base = {"student.train.seed": cfg.student.train.seed,
-            "tsd.stage2.train.seed": cfg.tsd.stage2.train.seed,
-            "cdkd.student.train.seed": cfg.cdkd.student.train.seed}
-    return with_overrides(cfg, {k: v + seed for k, v in base.items()})
+    return with_overrides(cfg, {k: get_dotted(cfg, k) + seed for k in SEED_FIELDS})
 
 
 def row_kinds(table: dict, row: str) -> list[Stage]:
@@ -86,28 +92,21 @@ def run_row(config: dict, ctx: dict) -> None:
     if cfg.ray.num_workers <= 1:                       # one worker: fit in this trial actor
         cfg = with_overrides(cfg, {"ray.num_workers": 0})
     torch.set_num_threads(max(1, int(ctx["cpus_per_trial"])))
-    p = Pipeline(f"{table['name']}-{row}", cfg, argparse.Namespace(**ctx["paths"]))
-    p.experiment_id = ctx["experiment_id"]
-    p.run_id = tracking.start_run(p.uri, p.experiment_id, f"{row}/seed{seed}",
-                                  parent_id=ctx["parent_run_id"],
-                                  tags={"kdray.row": row, "kdray.seed": str(seed),
-                                        "kdray.table": table["name"]})
-    tracking.log_params(p.uri, p.run_id, {k: str(v) for k, v in table["rows"][row]["set"].items()})
-    teacher = StageResult(**ctx["teacher"])
-    results = {"teacher": teacher}
-    try:
+    results = {"teacher": StageResult(**ctx["teacher"])}
+    # The row's run is a child of the table's; the row's stage runs are children of it.
+    with ctx["tracker"].run(f"{row}/seed{seed}", tags={"kdray.row": row, "kdray.seed": str(seed),
+                                                       "kdray.table": table["name"]},
+                            params=table["rows"][row]["set"]) as run:
+        p = Pipeline(f"{table['name']}-{row}", cfg, argparse.Namespace(**ctx["paths"]),
+                     tracker=run)
         for stage in row_kinds(table, row):   # each stage's student is the one before it
             final = results["student"] = p.stage(
                 stage, **{n: results[n] for n in stage.inputs(cfg)})
-    except BaseException:
-        tracking.end_run(p.uri, p.run_id, "FAILED")
-        raise
-    metrics = tracking.numeric(final.metrics)
-    tracking.log_metrics(p.uri, p.run_id, metrics)
-    tracking.end_run(p.uri, p.run_id)
+        metrics = numeric(final.metrics)
+        run.log_metrics(metrics)
     stages = [[r.stage, r.key, r.reused] for r in p.results.values()]
     tune.report({**{k: v for k, v in metrics.items() if k.startswith("val_")},
-                 "mlflow_run_id": p.run_id, "stages": json.dumps(stages)})
+                 "mlflow_run_id": run.run_id, "stages": json.dumps(stages)})
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -121,7 +120,7 @@ def run_table(p: Pipeline, table: dict, seeds: int, teacher: StageResult):
     ray_train.ensure_ray()
     resources, cpus, gpus = trial_resources(p.cfg, ray_train._use_gpu(p.cfg))
     ctx = {"table": table, "cfg": to_dict(p.cfg), "teacher": dataclasses.asdict(teacher),
-           "experiment_id": p.experiment_id, "parent_run_id": p.run_id, "cpus_per_trial": cpus,
+           "tracker": p.tracker, "cpus_per_trial": cpus,
            "paths": {"storage": str(p.storage), "out": str(p.out), "cache": str(p.cache)}}
     trainable = tune.with_resources(tune.with_parameters(run_row, ctx=ctx), resources)
     tuner = tune.Tuner(
@@ -136,55 +135,96 @@ def run_table(p: Pipeline, table: dict, seeds: int, teacher: StageResult):
     return tuner.fit()
 
 
-def summarise(table: dict, results, metric: str) -> list[dict]:
-    """One record per row: the paper's numbers beside the measured mean +- std over seeds."""
-    by_row: dict[str, list] = {r: [] for r in table["rows"]}
-    for res in results:
-        if res.error is None:
-            by_row[res.config["row"]].append(res.metrics)
+def finished_trials(results) -> list[tuple[str, int, dict]]:
+    """(row, seed, metrics) of each trial of a Tune ResultGrid that finished without error."""
+    return [(r.config["row"], int(r.config["seed"]), r.metrics) for r in results
+            if r.error is None]
+
+
+def summarise(table: dict, trials: list[tuple[str, int, dict]], metric: str) -> list[dict]:
+    """One record per row: the paper's numbers beside the measured mean +- std over seeds, the
+    95 % CI, and the paired difference against the table's baseline row (kdray/eval/stats.py).
+    ``trials``: (row, seed, metrics) per finished trial (:func:`finished_trials`)."""
+    by_row: dict[str, dict[int, dict]] = {r: {} for r in table["rows"]}
+    for row, seed, metrics in trials:
+        by_row[row][seed] = metrics
+
+    def values(row):
+        return {s: float(m[metric]) for s, m in sorted(by_row[row].items())
+                if isinstance(m.get(metric), (int, float))}
+
+    base_row = baseline_row(table)
+    base = values(base_row)
     records = []
     for row, spec in table["rows"].items():
-        runs = by_row[row]
-        values = [m[metric] for m in runs if isinstance(m.get(metric), (int, float))]
-        mean = sum(values) / len(values) if values else math.nan
-        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-               if len(values) > 1 else 0.0 if values else math.nan)
-        rec = {"row": row, "overrides": json.dumps(spec["set"]),
-               **{f"paper_{k}": float(v) for k, v in spec["paper"].items()},
-               "metric": metric, "mean": mean, "std": std, "seeds": len(values),
-               "values": values, "mlflow_run_ids": [m["mlflow_run_id"] for m in runs]}
-        records.append(rec)
+        vals, runs = values(row), [m for _, m in sorted(by_row[row].items())]
+        d = stats.describe(list(vals.values()))
+        seeds = sorted(set(vals) & set(base))
+        vs = (stats.paired([vals[s] for s in seeds], [base[s] for s in seeds])
+              if row != base_row else {"diff": math.nan, "ci_lo": math.nan, "ci_hi": math.nan,
+                                       "p": math.nan, "resolved": False})
+        records.append({
+            "row": row, "overrides": json.dumps(spec["set"]),
+            **{f"paper_{k}": float(v) for k, v in spec["paper"].items()},
+            "metric": metric, "mean": d["mean"], "std": d["std"], "ci95": d["ci95"],
+            "seeds": d["n"], "seed_ids": list(vals), "values": list(vals.values()),
+            "baseline": base_row, "vs_baseline": vs["diff"], "vs_ci_lo": vs["ci_lo"],
+            "vs_ci_hi": vs["ci_hi"], "p": vs["p"], "resolved": vs["resolved"],
+            "mlflow_run_ids": [m["mlflow_run_id"] for m in runs]})
     return records
+
+
+def baseline_row(table: dict) -> str:
+    """The row every other row is compared with: the table's ``baseline``, else its first."""
+    return table.get("baseline", next(iter(table["rows"])))
+
+
+def _num(v: float, fmt: str = ".2f") -> str:
+    return "-" if math.isnan(v) else format(v, fmt)
 
 
 def markdown(table: dict, records: list[dict], metric: str) -> str:
     paper = list(next(iter(table["rows"].values()))["paper"])
-    head = ["row", "config"] + [f"paper {k}" for k in paper] + [f"measured {metric}",
-                                                                "seeds", "MLflow runs"]
+    head = (["row", "config"] + [f"paper {k}" for k in paper]
+            + [f"measured {metric}", "95% CI", "vs baseline", "p", "seeds", "MLflow runs"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         cells = [r["row"], ", ".join(f"{k}={v}" for k, v in json.loads(r["overrides"]).items())]
         cells += [f"{r[f'paper_{k}']:g}" for k in paper]
-        cells += [f"{r['mean']:.2f} +- {r['std']:.2f}", str(r["seeds"]),
-                  " ".join(x[:8] for x in r["mlflow_run_ids"])]
+        ci = (f"[{_num(r['mean'] - r['ci95'])}, {_num(r['mean'] + r['ci95'])}]"
+              if not math.isnan(r["ci95"]) else "-")
+        if r["row"] == r["baseline"]:
+            vs = "(baseline)"
+        elif math.isnan(r["vs_ci_lo"]):
+            vs = f"{_num(r['vs_baseline'], '+.2f')}"
+        else:
+            vs = (f"{_num(r['vs_baseline'], '+.2f')} [{_num(r['vs_ci_lo'], '+.2f')}, "
+                  f"{_num(r['vs_ci_hi'], '+.2f')}]" + (" *" if r["resolved"] else ""))
+        cells += [f"{_num(r['mean'])} +- {_num(r['std'])}", ci, vs, _num(r["p"], ".3f"),
+                  str(r["seeds"]), " ".join(x[:8] for x in r["mlflow_run_ids"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"mean +- std over seeds; 95% CI: Student t. `vs baseline`: the paired "
+              f"difference from row `{records[0]['baseline'] if records else ''}` on the same "
+              f"seeds with its 95% CI and the paired t-test's p; * = resolved (the CI excludes "
+              f"0). Seed k adds k to {', '.join(SEED_FIELDS)}; the teacher is shared."]
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(table: dict, records: list[dict], metric: str, path: Path) -> Path:
-    """Paper (left) and measured mean +- std (right) per row; separate axes, as the scales
-    differ (synthetic data and CPU budgets vs the papers' real data)."""
+def bar_chart(table: dict, records: list[dict], measured: str, path: Path) -> Path:
+    """Paper (left) and measured mean with its 95 % CI (right) per row, each axis from 0 (no
+    truncated baseline); separate axes, as the scales differ (synthetic data and CPU budgets vs
+    the papers' real data). ``measured`` names what the right side measures."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     key = table["metric"]
     rows = [r["row"] for r in records]
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(rows) + 2), 3.5))
+    ci = [0.0 if math.isnan(r["ci95"]) else r["ci95"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.4 * len(rows) + 2), 3.8))
     axes[0].bar(rows, [r[f"paper_{key}"] for r in records], color="tab:gray")
-    axes[0].set(title=f"paper {key}", ylim=(min(r[f"paper_{key}"] for r in records) - 2, None))
-    axes[1].bar(rows, [r["mean"] for r in records], yerr=[r["std"] for r in records],
-                color="tab:blue", capsize=3)
-    axes[1].set(title=f"measured {metric} (mean +- std)")
+    axes[0].set(title=f"paper: {table.get('paper_measure', key)}", ylim=(0, None))
+    axes[1].bar(rows, [r["mean"] for r in records], yerr=ci, color="tab:blue", capsize=3)
+    axes[1].set(title=f"measured: {measured} (mean, 95% CI)", ylim=(0, None))
     for ax in axes:
         ax.tick_params(axis="x", rotation=45)
     fig.suptitle(table["name"])

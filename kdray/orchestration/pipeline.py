@@ -24,16 +24,17 @@ import fcntl
 import json
 import os
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdray.config import ExperimentConfig, config_hash, dump_yaml, flatten, with_overrides
+from kdray.config import (ExperimentConfig, config_hash, dump_yaml, file_hash, flatten,
+                          with_overrides)
 from kdray.orchestration.args import parse_args  # noqa: F401 (the pipelines' import point)
 from kdray.console import log
-from kdray.orchestration import ray_train, tracking
+from kdray.orchestration import ray_train, registry, tracking
+from kdray.orchestration.tracking import Tracker, status_of
 from kdray.progress import ConsoleProgress, clock
 from kdray.vis import pose_sheet
 from kdray.stage_run import METRIC, ensure_data
@@ -86,13 +87,15 @@ def primary_metric(cfg: ExperimentConfig) -> str:
 # ----------------------------------------------------------------------------- the pipeline
 
 class Pipeline:
-    """One pipeline run: MLflow parent run, stage cache, Ray, summary.
+    """One pipeline run: MLflow parent run (``p.tracker``), stage cache, Ray, summary.
 
     ``with Pipeline("two_stage", cfg, args) as p:`` ... ``p.stage(...)`` ... ``p.finish(...)``.
+    ``tracker``: an open run to put the stage runs under instead, for a Pipeline used without
+    ``with`` (an ablation row inside a Tune trial: kdray/orchestration/ablation.py).
     """
 
     def __init__(self, name: str, cfg: ExperimentConfig, args: argparse.Namespace,
-                 stages: int = 0):
+                 stages: int = 0, tracker: Tracker | None = None):
         self.name = name
         self.planned = stages          # how many stages the pipeline runs: "stage k/N", its ETA
         self._walls: list[float] = []  # wall seconds of the stages trained so far
@@ -106,45 +109,55 @@ class Pipeline:
         ray_storage = self.cfg.ray.storage_path or str(self.cache / "ray")
         self.ray_storage = ray_storage if "://" in ray_storage else \
             str((self.storage / ray_storage).resolve())
-        self.uri = tracking.resolve_uri(self.cfg.tracking.uri, self.storage)
+        self.uri = tracker.uri if tracker else tracking.resolve_uri(self.cfg.tracking.uri,
+                                                                    self.storage)
+        self.tracker = tracker            # the parent run of the stage runs; set on entering
         self.results: dict[str, StageResult] = {}
         self.registered: dict[str, dict] = {}
         self._child_runs: dict[tuple[str, str], str] = {}   # (stage, key) -> this run's child
-        self.run_id = ""   # set before entering to continue that parent run (a resumed sweep)
+        self._resume_run = ""
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow parent run's id ("" before entering)."""
+        return self.tracker.run_id if self.tracker else ""
+
+    def resume(self, run_id: str) -> "Pipeline":
+        """Continue the parent run ``run_id`` on entering, instead of starting one (a resumed
+        sweep); "" starts one."""
+        self._resume_run = run_id
+        return self
 
     # -- context: the parent run -------------------------------------------------------------
     def __enter__(self) -> "Pipeline":
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache.mkdir(parents=True, exist_ok=True)
         self._claim = _claim_out_dir(self.out)   # held until __exit__
-        self.experiment_id = tracking.init_store(self.uri, self.cfg.tracking.experiment)
-        self._close_orphans()
-        if self.run_id:
-            tracking.reopen_run(self.uri, self.run_id)
+        store = Tracker.open(self.uri, self.cfg.tracking.experiment)
+        self._close_orphans(store)
+        if self._resume_run:
+            self.tracker = store.at(self._resume_run).reopen()
         else:
-            self.run_id = tracking.start_run(self.uri, self.experiment_id, self.name,
-                                             tags={"kdray.pipeline": self.name,
-                                                   "kdray.out_dir": str(self.out)})
-            tracking.log_params(self.uri, self.run_id, flatten(self.cfg))
+            self.tracker = store.run(self.name, tags={"kdray.pipeline": self.name,
+                                                      "kdray.out_dir": str(self.out)},
+                                     params=flatten(self.cfg))
         (self.out / RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "uri": self.uri,
                                                      "pid": os.getpid()}))
         dump_yaml(self.cfg, self.out / "config.yaml")
-        tracking.log_artifacts(self.uri, self.run_id, [self.out / "config.yaml"])
+        self.tracker.log_artifacts([self.out / "config.yaml"])
         log(f"{self.name}: out {self.out}, stage cache {self.cache}, MLflow {self.uri} "
             f"(run {self.run_id})")
         ensure_data(self.cfg)  # on the driver, before workers read it
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        status = "FINISHED" if exc is None else \
-            "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         try:
-            tracking.end_run(self.uri, self.run_id, status)
+            self.tracker.close(status_of(exc))
             ray_train.shutdown_ray()  # Ray starts on the first stage that trains
         finally:
             self._claim.close()
 
-    def _close_orphans(self) -> None:
+    def _close_orphans(self, store: Tracker) -> None:
         """The previous run of this pipeline in this output dir was killed (SIGKILL, a lost
         machine) if its MLflow runs still say RUNNING: we hold the dir's lock, so its process
         is gone. Close them as KILLED (tag ``kdray.orphaned``) before starting afresh."""
@@ -153,9 +166,9 @@ class Pipeline:
             previous = json.loads(path.read_text())
         except (OSError, ValueError):
             return
-        if previous.get("uri") != self.uri or previous.get("run_id") in ("", self.run_id):
+        if previous.get("uri") != self.uri or previous.get("run_id") in ("", self._resume_run):
             return
-        closed = tracking.close_orphans(self.uri, previous["run_id"])
+        closed = store.at(previous["run_id"]).close_orphans()
         if closed:
             log(f"closed {len(closed)} MLflow run(s) of a killed earlier run as KILLED: "
                 f"{', '.join(closed)}")
@@ -200,34 +213,26 @@ class Pipeline:
             f"(key {key}) in {stage_dir}")
         self._stage_t0 = time.monotonic()
         progress = ConsoleProgress(label, self._index, self.planned, self._rest)
-        run_id = tracking.start_run(self.uri, self.experiment_id, label, parent_id=self.run_id,
-                                    tags={"kdray.stage": stage.name, "kdray.stage_key": key,
-                                          "kdray.label": label})
-        tracking.log_params(self.uri, run_id, flatten(cfg))
-        t0 = time.perf_counter()
-        try:
-            fit = ray_train.train_stage(stage, cfg, stage_dir,
-                                        {n: r.checkpoint for n, r in used.items()},
-                                        run_name=f"{stage.name}-{key}",
-                                        storage_path=self.ray_storage,
-                                        mlflow=(self.uri, run_id), progress=progress)
-            progress.clear()
+        with self.tracker.run(label, tags={"kdray.stage": stage.name, "kdray.stage_key": key,
+                                           "kdray.label": label}, params=flatten(cfg)) as run:
+            t0 = time.perf_counter()
+            try:
+                fit = ray_train.train_stage(stage, cfg, stage_dir,
+                                            {n: r.checkpoint for n, r in used.items()},
+                                            run_name=f"{stage.name}-{key}",
+                                            storage_path=self.ray_storage,
+                                            mlflow=(run.uri, run.run_id), progress=progress)
+            finally:
+                progress.clear()
             wall = time.perf_counter() - t0
             self._walls.append(wall)
-            tracking.log_history(self.uri, run_id, fit.history)
+            run.log_history(fit.history)
             pose_sheet(fit.checkpoint, cfg, stage_dir / "poses.png")
-            tracking.log_artifacts(self.uri, run_id, [
-                stage_dir / n for n in ("config.yaml", "metrics.json", "loss_curve.png",
-                                        "poses.png")])
-            tracking.log_metrics(self.uri, run_id, {"wall_seconds": wall})
-        except BaseException as e:
-            progress.clear()
-            tracking.end_run(self.uri, run_id,
-                             "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            raise
-        tracking.end_run(self.uri, run_id)
-        self._child_runs[(stage.name, key)] = run_id
-        result = StageResult(stage.name, key, str(fit.checkpoint), run_id, fit.metrics,
+            run.log_artifacts([stage_dir / n for n in ("config.yaml", "metrics.json",
+                                                       "loss_curve.png", "poses.png")])
+            run.log_metrics({"wall_seconds": wall})
+        self._child_runs[(stage.name, key)] = run.run_id
+        result = StageResult(stage.name, key, str(fit.checkpoint), run.run_id, fit.metrics,
                              str(stage_dir), wall)
         _write_marker(stage_dir, result)
         log(f"{self._head(label)}: done in {clock(wall)}, {_brief(result.metrics)}")
@@ -236,13 +241,11 @@ class Pipeline:
     def _reuse(self, label: str, done: StageResult) -> StageResult:
         log(f"{self._head(label)}: reused finished stage {done.stage} (key {done.key}, trained "
             f"in MLflow run {done.run_id or '-'}) from {done.out_dir}")
-        run_id = tracking.start_run(self.uri, self.experiment_id, label, parent_id=self.run_id,
-                                    tags={"kdray.stage": done.stage, "kdray.stage_key": done.key,
-                                          "kdray.label": label, "kdray.reused": "true",
-                                          "kdray.trained_run_id": done.run_id})
-        tracking.log_metrics(self.uri, run_id, done.metrics, step=int(done.metrics.get("epoch", 0)))
-        tracking.end_run(self.uri, run_id)
-        self._child_runs[(done.stage, done.key)] = run_id
+        with self.tracker.run(label, tags={"kdray.stage": done.stage, "kdray.stage_key": done.key,
+                                           "kdray.label": label, "kdray.reused": "true",
+                                           "kdray.trained_run_id": done.run_id}) as run:
+            run.log_metrics(done.metrics, step=int(done.metrics.get("epoch", 0)))
+        self._child_runs[(done.stage, done.key)] = run.run_id
         return dataclasses.replace(done, reused=True)
 
     def teacher(self, given: str | None = None) -> StageResult:
@@ -252,8 +255,8 @@ class Pipeline:
             return self.stage(TEACHER)
         metrics: dict = {}
         if given.startswith("models:/"):
-            path = tracking.download_weights(given, self.out / "given_teacher", self.uri)
-            tags = tracking.show_model(given, self.uri)["tags"]
+            path = registry.download_weights(given, self.out / "given_teacher", self.uri)
+            tags = registry.show_model(given, self.uri)["tags"]
             if "metric_value" in tags:  # the val score it was registered with
                 metrics[tags["metric"]] = float(tags["metric_value"])
         else:
@@ -265,46 +268,48 @@ class Pipeline:
         state = load_checkpoint(path)  # fails early, naming the file, if it is not one
         metrics = {**(state.get("history") or [{}])[-1], **metrics}
         log(f"teacher: given {given} -> {path}")
-        run_id = tracking.start_run(self.uri, self.experiment_id, "teacher", parent_id=self.run_id,
-                                    tags={"kdray.stage": "teacher", "kdray.label": "teacher",
-                                          "kdray.given": given})
-        tracking.log_metrics(self.uri, run_id, metrics)
-        tracking.end_run(self.uri, run_id)
-        result = StageResult("teacher", tracking.file_hash(path), str(path), "", metrics,
+        with self.tracker.run("teacher", tags={"kdray.stage": "teacher", "kdray.label": "teacher",
+                                               "kdray.given": given}) as run:
+            run.log_metrics(metrics)
+        result = StageResult("teacher", file_hash(path), str(path), "", metrics,
                              str(path.parent), 0.0, True)
         self.results["teacher"] = result
         return result
 
+    def adopt(self, stage: Stage, cfg: ExperimentConfig, out_dir: str | Path, run_id: str,
+              metrics: dict, **inputs: StageResult) -> StageResult:
+        """A stage trained outside the stage cache (a sweep's trial, in MLflow run ``run_id``;
+        ``out_dir`` holds its checkpoints/last.pt as a stage dir does), keyed as :meth:`stage`
+        keys it, so that :meth:`register` treats it as that stage's output."""
+        key = stage_key(stage, cfg, {n: inputs[n].key for n in stage.inputs(cfg)})
+        return StageResult(stage.name, key, str(Path(out_dir) / "checkpoints" / "last.pt"),
+                           run_id, metrics, str(out_dir))
+
     # -- registry ----------------------------------------------------------------------------
-    def register(self, result: StageResult) -> dict | None:
-        """Log ``result`` as a pyfunc model (in this pipeline's child run of the stage) and
-        register it: alias ``candidate``; ``champion`` if it beats the champion's val metric."""
+    def register(self, result: StageResult, metric: str = "", promote: bool = True,
+                 description: str = "") -> dict | None:
+        """Register ``result``'s model (kdray/orchestration/registry.py, ``register_stage``),
+        logged into this pipeline's child run of the stage: alias ``candidate``; ``champion``
+        if it beats the champion's ``metric`` (default: the dataset's primary val metric) on
+        the same val set, unless ``promote=False``."""
         if not self.cfg.tracking.register or not result.run_id:  # a given teacher: not ours
             return None
-        metric = primary_metric(self.cfg)
+        metric = metric or primary_metric(self.cfg)
         value = result.metrics.get(metric)
         if not isinstance(value, (int, float)):
             log(f"{result.stage}: no {metric} to rank it by; not registered")
             return None
-        kind = STAGES[result.stage]   # the marker on disk holds the stage's name
-        name = kind.model_name
-        model_uri = None
-        if tracking.find_version(self.uri, name, result.key) is None:
-            with tempfile.TemporaryDirectory(prefix="kdray-export-") as tmp:
-                info = tracking.log_pose_model(self.uri, self._child_runs[(result.stage,
-                                                                           result.key)],
-                                               result.checkpoint, tmp)
-            model_uri = info.model_uri
         data = self.cfg.data
-        val_set = tracking.file_hash(Path(data.root) / data.val_ann)
-        reg = tracking.register(self.uri, name, model_uri, run_id=result.run_id,
-                                stage_key=result.key, val_set=val_set, metric=metric,
-                                value=float(value), model_description=kind.description,
-                                description=(f"{self.name} pipeline, stage {result.stage} "
-                                             f"({result.out_dir}); data {data.dataset} at "
-                                             f"{data.root}"))
-        self.registered[name] = reg
-        log(f"registered {name} version {reg['version']} ({metric} {value:.2f})"
+        run = self.tracker.at(self._child_runs.get((result.stage, result.key), result.run_id))
+        reg = registry.register_stage(
+            run, STAGES[result.stage], result.key, result.checkpoint, trained_in=result.run_id,
+            val_set=file_hash(Path(data.root) / data.val_ann), metric=metric,
+            value=float(value), promote=promote,
+            description=description or (f"{self.name} pipeline, stage {result.stage} "
+                                        f"({result.out_dir}); data {data.dataset} at "
+                                        f"{data.root}"))
+        self.registered[reg["name"]] = reg
+        log(f"registered {reg['name']} version {reg['version']} ({metric} {value:.2f})"
             f"{', champion' if reg['champion'] else ''}")
         return reg
 
@@ -328,9 +333,9 @@ class Pipeline:
                               for k, v in self.registered.items()}, **(outputs or {})}
         summary = {"pipeline": self.name, "mlflow_run_id": self.run_id, "metrics": metrics,
                    "outputs": outputs}
-        tracking.log_metrics(self.uri, self.run_id, metrics)
+        self.tracker.log_metrics(metrics)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        tracking.log_artifacts(self.uri, self.run_id, [self.out / "summary.json"])
+        self.tracker.log_artifacts([self.out / "summary.json"])
         print(self.table(), file=sys.stderr, flush=True)
         print(json.dumps(summary), flush=True)
         return summary

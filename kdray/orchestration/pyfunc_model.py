@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 # MLflow advises type hints on ``predict`` when the class below is defined (and again when a
-# model of it loads); the model's signature is explicit (tracking.log_pose_model), so the
+# model of it loads); the model's signature is explicit (registry._log_pose_model), so the
 # advice is noise on the console.
 warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method",
                         category=UserWarning)
 from mlflow.pyfunc import PythonModel  # noqa: E402
 
-WEIGHTS = "weights"   # the artifact key that tracking.log_pose_model uses
+WEIGHTS = "weights"   # the artifact key that registry._log_pose_model uses
 
 
 def keypoints_from_crops(module: torch.nn.Module, meta: dict, crops: np.ndarray,

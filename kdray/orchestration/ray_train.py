@@ -33,14 +33,6 @@ import torch
 from kdray.config import ExperimentConfig, from_dict, to_dict
 from kdray.train import FitResult, fit, load_checkpoint, seed_everything, write_outputs
 
-# Fault injection for the fault-tolerance tests and drills, read on the driver: when the
-# rank-0 worker reaches the report of epoch $KDRAY_FAULT_AT_EPOCH (of stage $KDRAY_FAULT_STAGE,
-# if set) it exits hard (os._exit; KDRAY_FAULT_ACTION=exit) or hangs (=hang, so the driver can
-# be killed at a known point), once: the file $KDRAY_FAULT_MARKER remembers that it happened.
-FAULT_ENV = {"epoch": "KDRAY_FAULT_AT_EPOCH", "stage": "KDRAY_FAULT_STAGE",
-             "action": "KDRAY_FAULT_ACTION", "marker": "KDRAY_FAULT_MARKER"}
-
-
 _started_ray = False
 
 
@@ -125,8 +117,7 @@ def _fit_in_process(stage, cfg, stage_dir, inputs, mlflow, evaluate, progress=No
     built = build_stage(stage, cfg, inputs)
     start = _start_epoch(stage_dir / "checkpoints" / "last.pt")
     _log_attempt(stage_dir, start, world_size=0)
-    report = _reporter(mlflow, rank=0, world=1, fault=_fault_from_env(stage.name),
-                       ray_report=None)
+    report = _reporter(mlflow, rank=0, world=1, ray_report=None)
     return fit(built.task, built.train_loader, built.train_cfg, stage_dir,
                built.evaluate if evaluate else None, report=report, on_progress=progress)
 
@@ -148,8 +139,7 @@ def fit_on_ray(stage, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, 
     loop_config = {"stage": stage, "run_name": run_name, "cfg": to_dict(cfg),
                    "inputs": dict(inputs),
                    "stage_dir": str(stage_dir),
-                   "evaluate": evaluate, "threads": threads, "fault": _fault_from_env(stage.name),
-                   "progress": None}
+                   "evaluate": evaluate, "threads": threads, "progress": None}
     trainer = TorchTrainer(
         _worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu,
@@ -265,7 +255,7 @@ def _worker(config: dict) -> None:
             resume = Path(checkpoint.to_directory(str(scratch / "resume"))) / "last.pt"
         if rank == 0:
             _log_attempt(Path(config["stage_dir"]), _start_epoch(resume), world)
-        report = _reporter(None, rank, world, config["fault"], ray.train.report)
+        report = _reporter(None, rank, world, ray.train.report)
         queue = config["progress"]
         fit(task, loader, t, scratch / "out" if rank == 0 else None,
             built.evaluate if (rank == 0 and config["evaluate"]) else None,
@@ -275,15 +265,11 @@ def _worker(config: dict) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _reporter(mlflow, rank: int, world: int, fault: dict | None, ray_report):
+def _reporter(mlflow, rank: int, world: int, ray_report):
     """The ``report(metrics, ckpt_dir)`` callback for fit: MLflow (in-process stages only; a
     Ray worker's metrics reach MLflow through the driver, :func:`_forwarded`), then Ray."""
-    last_report = time.monotonic()
-
     def report(metrics: dict, ckpt_dir: str | None) -> None:
-        nonlocal last_report
         epoch = int(metrics.get("epoch", 0))
-        _maybe_fault(fault, epoch, rank, last_report)
         from kdray.orchestration.tracking import log_metrics, numeric
         clean = numeric(metrics)
         if "throughput" in clean:  # every rank trains as many samples as rank 0
@@ -294,38 +280,7 @@ def _reporter(mlflow, rank: int, world: int, fault: dict | None, ray_report):
             from ray.train import Checkpoint
             ray_report(clean, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir
                        else None)
-        last_report = time.monotonic()
     return report
-
-
-def _fault_from_env(stage: str) -> dict | None:
-    spec = {k: os.environ.get(v, "") for k, v in FAULT_ENV.items()}
-    if not spec["epoch"] or spec["stage"] not in ("", stage):
-        return None
-    return {"epoch": int(spec["epoch"]), "action": spec["action"] or "exit",
-            "marker": spec["marker"]}
-
-
-# Ray's controller picks up a reported checkpoint on its next poll of the workers (every 2 s,
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a fault injected sooner after the previous report would
-# test "crashed before the checkpoint was registered" instead of "crashed mid-epoch".
-FAULT_SETTLE_S = 10.0
-
-
-def _maybe_fault(fault: dict | None, epoch: int, rank: int, last_report: float = 0.0) -> None:
-    if not fault or rank != 0 or epoch != fault["epoch"]:
-        return
-    time.sleep(max(0.0, last_report + FAULT_SETTLE_S - time.monotonic()))
-    marker = Path(fault["marker"]) if fault["marker"] else None
-    if marker is not None:
-        if marker.exists():
-            return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{fault['action']} at epoch {epoch}, pid {os.getpid()}\n")
-    if fault["action"] == "hang":
-        while True:
-            time.sleep(60)
-    os._exit(17)
 
 
 def _start_epoch(checkpoint: Path | None) -> int:

@@ -110,6 +110,18 @@ class define_by_run:  # noqa: N801 - used like a function; a class so Tune can p
 _MISSING = object()
 
 
+def make_sampler(seed: int):
+    """Optuna 5's TPE for kdray's spaces. A ``when`` makes the space conditional (SAU kernels
+    only with ``cdkd.sau: true``); plain multivariate TPE then falls back to independent
+    sampling with a warning, ``group=True`` models each set of co-occurring parameters jointly."""
+    import warnings
+
+    import optuna
+    with warnings.catch_warnings():   # group is "experimental" in Optuna 5: it works, say less
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed)
+
+
 # ----------------------------------------------------------------------------- loading
 
 def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
-from kdray.orchestration import ray_train, tracking
-from kdray.orchestration.search_space import SearchSpace, define_by_run
+from kdray.orchestration import ray_train
+from kdray.orchestration.tracking import Tracker, numeric, warn
+from kdray.orchestration.search_space import SearchSpace, define_by_run, make_sampler
 from kdray.stages import TSD_REFINED
 
 # A GCN trial can read the frozen networks' cached outputs unless it changes what they are.
@@ -89,10 +90,10 @@ def run_trial(config: dict, ctx: dict) -> None:
     done = tdir / "result.json"
     if done.exists():  # finished, but the sweep was killed before Tune saved that: no rerun
         saved = json.loads(done.read_text())
-        tune.report({**tracking.numeric(saved["metrics"]), "train_seconds": saved["train_seconds"]})
+        tune.report({**numeric(saved["metrics"]), "train_seconds": saved["train_seconds"]})
         return
     _append(tdir / "attempts.jsonl", {"time": time.time(), "pid": os.getpid()})
-    run_id = _trial_run(ctx, tdir, trial_id, cfg, config)
+    run = _trial_run(ctx["tracker"], tdir, trial_id, space, cfg, config)
     torch.set_num_threads(max(1, int(ctx["cpus_per_trial"])))
     inputs = {n: ctx["inputs"][n] for n in space.stage.inputs(cfg)}
     # training seconds over all of the trial's attempts (a resumed trial adds to them)
@@ -106,8 +107,8 @@ def run_trial(config: dict, ctx: dict) -> None:
         return total
 
     def report(metrics: dict, ckpt_dir) -> None:
-        clean = tracking.numeric(metrics)
-        tracking.log_metrics(ctx["uri"], run_id, clean, step=int(clean.get("epoch", 0)))
+        clean = numeric(metrics)
+        run.log_metrics(clean, step=int(clean.get("epoch", 0)))
         if metric in clean:  # evaluated epochs only: ASHA and Optuna compare the val metric
             reported.append(clean)
             tune.report({**clean, "train_seconds": seconds()})
@@ -116,7 +117,7 @@ def run_trial(config: dict, ctx: dict) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
         cfg = with_overrides(cfg, {f"{space.stage.train_key}.eval_every": 1})  # every report
         result = ray_train.fit_on_ray(space.stage, cfg, tdir, inputs, f"train-{trial_id}",
-                                   tdir / "ray", (ctx["uri"], run_id),
+                                   tdir / "ray", (run.uri, run.run_id),
                                    callbacks=[TuneReportCallback()])
     else:
         from kdray.stage_run import build_stage
@@ -127,29 +128,27 @@ def run_trial(config: dict, ctx: dict) -> None:
                   report=report)  # resumes from tdir/checkpoints/last.pt by itself
     if not reported and cfg.ray.num_workers <= 1:
         # killed after its last epoch but before Tune saw the trial end: nothing left to train
-        tune.report({**tracking.numeric(result.metrics), "train_seconds": before})
+        tune.report({**numeric(result.metrics), "train_seconds": before})
     total = before if not reported else float(seconds_file.read_text())
     (tdir / "result.json").write_text(json.dumps({"train_seconds": total,
                                                   "metrics": result.metrics}, default=str))
-    tracking.log_metrics(ctx["uri"], run_id, {"train_seconds": total})
-    tracking.end_run(ctx["uri"], run_id)
+    run.log_metrics({"train_seconds": total})
+    run.close()
 
 
-def _trial_run(ctx: dict, tdir: Path, trial_id: str, cfg, sampled: dict) -> str:
-    """The trial's MLflow child run: created once, reused when the trial is resumed."""
+def _trial_run(sweep: Tracker, tdir: Path, trial_id: str, space: SearchSpace, cfg,
+               sampled: dict) -> Tracker:
+    """The trial's MLflow child run of the sweep's run: created once, reopened when the trial
+    is resumed. Left RUNNING if the trial stops early (:func:`close_trial_runs` closes it)."""
     marker = tdir / "mlflow_run_id"
     if marker.exists():
-        run_id = marker.read_text().strip()
-        tracking.reopen_run(ctx["uri"], run_id)
-        return run_id
+        return sweep.at(marker.read_text().strip()).reopen()
     from kdray.config import flatten
-    run_id = tracking.start_run(ctx["uri"], ctx["experiment_id"], f"trial-{trial_id}",
-                                parent_id=ctx["parent_run_id"],
-                                tags={"kdray.trial_id": trial_id, "kdray.stage": ctx["space"].stage.name,
-                                      "kdray.sampled": json.dumps(sampled, default=str)})
-    tracking.log_params(ctx["uri"], run_id, flatten(cfg))
-    marker.write_text(run_id)
-    return run_id
+    run = sweep.run(f"trial-{trial_id}", params=flatten(cfg),
+                    tags={"kdray.trial_id": trial_id, "kdray.stage": space.stage.name,
+                          "kdray.sampled": json.dumps(sampled, default=str)})
+    marker.write_text(run.run_id)
+    return run
 
 
 def _append(path: Path, row: dict) -> None:
@@ -165,9 +164,9 @@ def read_attempts(trial_dir: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- the sweep
 
 def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[str, str],
-          frozen: str, uri: str, experiment_id: str, parent_run_id: str, metric: str,
-          num_samples: int, resume: bool, seed: int = 0):
-    """Run (or resume) the Tuner; its ResultGrid."""
+          frozen: str, tracker: Tracker, metric: str, num_samples: int, resume: bool,
+          seed: int = 0):
+    """Run (or resume) the Tuner; its ResultGrid. Each trial is a child run of ``tracker``."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -177,8 +176,7 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
     gpu = ray_train._use_gpu(cfg)
     resources, cpus, gpus = trial_resources(cfg, gpu)
     ctx = {"cfg": to_dict(cfg), "space": space, "out": str(out), "inputs": dict(inputs),
-           "frozen": frozen, "uri": uri, "experiment_id": experiment_id,
-           "parent_run_id": parent_run_id, "metric": metric, "cpus_per_trial": cpus}
+           "frozen": frozen, "tracker": tracker, "metric": metric, "cpus_per_trial": cpus}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     storage, name = out / "tune", "sweep"
     if resume and tune.Tuner.can_restore(str(storage / name)):
@@ -190,7 +188,8 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
     concurrent = max_concurrent(ray.cluster_resources(), cpus, gpus)
     log(f"sweep over {len(space.params)} parameters of stage {space.stage.name}: {num_samples} "
         f"trials, at most {concurrent} at once, ASHA on {metric} over {epochs} epochs")
-    searcher = OptunaSearch(space=define_by_run(space), metric=metric, mode="max", seed=seed,
+    searcher = OptunaSearch(space=define_by_run(space), metric=metric, mode="max",
+                            sampler=make_sampler(seed),   # the seed lives on the sampler
                             points_to_evaluate=space.grid_points() or None)
     tuner = tune.Tuner(
         trainable,
@@ -254,8 +253,7 @@ def _fmt(v) -> str:
 def close_trial_runs(p, results) -> dict[str, dict]:
     """Per trial: its MLflow run, training seconds, attempts; runs that ASHA stopped mid-way
     are closed here (the trial function never got to)."""
-    from mlflow.tracking import MlflowClient
-    client, trials = MlflowClient(p.uri), {}
+    trials = {}
     for r in results:
         tid = r.metrics.get("trial_id") or Path(r.path).name.split("_")[2]
         tdir = p.out / "trials" / tid
@@ -263,20 +261,21 @@ def close_trial_runs(p, results) -> dict[str, dict]:
         run_id = marker.read_text().strip() if marker.exists() else ""   # "" = failed early
         finished = (tdir / "result.json").exists()
         if r.error is not None:
-            tracking.warn(f"trial {tid} failed: {str(r.error).splitlines()[-1][:300]}")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            tracking.set_tags(p.uri, run_id, {"kdray.early_stopped": "true"})
-            tracking.end_run(p.uri, run_id, "KILLED")
+            warn(f"trial {tid} failed: {str(r.error).splitlines()[-1][:300]}")
+        run = p.tracker.at(run_id)
+        if run_id and run.status() == "RUNNING":
+            run.set_tags({"kdray.early_stopped": "true"})
+            run.close("KILLED")
         trials[tid] = {"run_id": run_id, "dir": tdir, "finished": finished,
                        "train_seconds": float(r.metrics.get("train_seconds", 0.0)),
                        "attempts": len(read_attempts(tdir))}
     # A sweep killed mid-trial can leave a child run for a trial its last saved Tune state did
     # not hold yet; the resumed sweep samples a replacement, so that run is closed as orphaned.
     known = {t["run_id"] for t in trials.values()}
-    for run in client.search_runs([p.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{p.run_id}'"):
-        if "kdray.trial_id" in run.data.tags and run.info.run_id not in known:
-            tracking.set_tags(p.uri, run.info.run_id, {"kdray.orphaned": "true"})
-            if run.info.status == "RUNNING":
-                tracking.end_run(p.uri, run.info.run_id, "KILLED")
+    for child in p.tracker.children():
+        if "kdray.trial_id" in child.data.tags and child.info.run_id not in known:
+            run = p.tracker.at(child.info.run_id)
+            run.set_tags({"kdray.orphaned": "true"})
+            if child.info.status == "RUNNING":
+                run.close("KILLED")
     return trials

@@ -52,7 +52,7 @@ def test_per_axis_sigma_for_low_res():
 
 
 def test_decode_confidence_is_min_of_softmax_maxima():
-    codec = SimCCCodec((8, 4), 2.0, beta=10.0)
+    codec = SimCCCodec((8, 4), 2.0, softmax_scale=10.0)
     lx = torch.zeros(1, 1, 8)
     ly = torch.zeros(1, 1, 16)
     lx[0, 0, 3] = 1.0      # softmax(10 * lx): max = e^10 / (e^10 + 7)
@@ -67,7 +67,7 @@ def test_soft_argmax_on_peaked_logits():
     ly = torch.full((2, 3, 128), -50.0)
     lx[..., 30] = 50.0
     ly[..., 100] = 50.0
-    out = soft_argmax(lx, ly, beta=10.0)
+    out = soft_argmax(lx, ly, scale=10.0)
     assert out.shape == (2, 3, 2)
     torch.testing.assert_close(out[..., 0], torch.full((2, 3), 30 / 96))
     torch.testing.assert_close(out[..., 1], torch.full((2, 3), 100 / 128))
@@ -99,8 +99,8 @@ def _centroid_model(images: torch.Tensor, codec: SimCCCodec, sigma_bins: float =
     mass = images.sum((-1, -2)).clamp_min(1e-9)
     cx = (images.sum(-2) * torch.arange(w)).sum(-1) / mass
     cy = (images.sum(-1) * torch.arange(h)).sum(-1) / mass
-    lx = -((torch.arange(wx) - cx[..., None] * k) ** 2) / (2 * sigma_bins**2) / codec.beta
-    ly = -((torch.arange(hy) - cy[..., None] * k) ** 2) / (2 * sigma_bins**2) / codec.beta
+    lx = -((torch.arange(wx) - cx[..., None] * k) ** 2) / (2 * sigma_bins**2) / codec.softmax_scale
+    ly = -((torch.arange(hy) - cy[..., None] * k) ** 2) / (2 * sigma_bins**2) / codec.softmax_scale
     return lx.double(), ly.double()
 
 

@@ -9,7 +9,7 @@ import torch
 from kdray.losses.cdkd import (bin_overlap_matrix, cca_logit_loss, cca_merge, cdkd_total_loss,
                                cosine_feature_loss, tau_kl)
 from kdray.losses.etht import (GradientReversal, LearnableTemperature, grad_reverse,
-                               learnable_loss_weight, xi_schedule)
+                               learnable_loss_weight, reversal_schedule)
 
 P8 = [0.05, 0.15, 0.10, 0.20, 0.05, 0.25, 0.12, 0.08]  # sums to 1.00
 
@@ -71,7 +71,7 @@ def test_overlap_matrix_rows_and_entries():
 
 # ---- Eq. (7) ---------------------------------------------------------------------------------
 def test_tau_kl_by_hand():
-    # beta_scale = 1, tau = 2. Student logits [0, 0] -> p_s = [1/2, 1/2];
+    # scale = 1, tau = 2. Student logits [0, 0] -> p_s = [1/2, 1/2];
     # [2 ln 3, 0] / 2 = [ln 3, 0] -> p_s = [3/4, 1/4]. Teacher (merged) p_t = [3/4, 1/4] everywhere.
     z0, z1 = [0.0, 0.0], [2 * math.log(3.0), 0.0]
     student = torch.tensor([[z0, z1], [z1, z0]])                        # (B=2, K=2, 2)
@@ -79,7 +79,7 @@ def test_tau_kl_by_hand():
     a = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)       # KL([3/4,1/4]||[1/2,1/2])
     assert a == pytest.approx(0.130812, abs=1e-6)
     # sample 0: a + 0, sample 1: 0 + a; mean over batch = a; times tau^2 = 4
-    got = tau_kl(student, teacher, tau=2.0, beta_scale=1.0)
+    got = tau_kl(student, teacher, tau=2.0, scale=1.0)
     assert got.item() == pytest.approx(4 * a, rel=1e-5)                 # = 0.523248
     # weight masks joint 0 of sample 0: sums are 0 and a, mean a / 2, times 4
     w = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
@@ -90,10 +90,10 @@ def test_tau_kl_by_hand():
     assert tau_kl(torch.zeros(1, 1, 2), one_hot, 1.0, 1.0).item() == pytest.approx(math.log(2))
 
 
-@pytest.mark.parametrize("beta_scale", [1.0, 10.0])
-def test_cca_logit_loss_by_hand(beta_scale):
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_cca_logit_loss_by_hand(scale):
     tau = 2.0
-    c = tau / beta_scale  # logits c * ln(q) -> softmax(beta_scale * logits / tau) = q / sum(q)
+    c = tau / scale  # logits c * ln(q) -> softmax(scale * logits / tau) = q / sum(q)
     # x: teacher 4 bins -> [.1,.2,.3,.4] -> merged (m = 2) [.3,.7]; student [0,0] -> [.5,.5]
     tx = c * torch.log(torch.tensor([[[1.0, 2.0, 3.0, 4.0]]]))
     sx = torch.zeros(1, 1, 2)
@@ -102,7 +102,7 @@ def test_cca_logit_loss_by_hand(beta_scale):
     ty = torch.zeros(1, 1, 6)
     sy = c * torch.log(torch.tensor([[[1.0, 1.0, 2.0]]]))
     kl_y = 2 * (1 / 3) * math.log((1 / 3) / 0.25) + (1 / 3) * math.log((1 / 3) / 0.5)
-    got = cca_logit_loss(sx, sy, tx, ty, tau=tau, weight=None, beta_scale=beta_scale)
+    got = cca_logit_loss(sx, sy, tx, ty, tau=tau, weight=None, scale=scale)
     assert got.item() == pytest.approx(tau**2 * (kl_x + kl_y), rel=1e-5)
 
 
@@ -129,10 +129,10 @@ def _fixed_pair():
     return sx, sy, tx, ty
 
 
-def _theta_grad(lt, xi):
+def _theta_grad(lt, strength):
     lt.zero_grad()
-    tau = lt.value if xi is None else lt(xi)
-    cca_logit_loss(*_fixed_pair(), tau=tau, weight=None, beta_scale=1.0).backward()
+    tau = lt.value if strength is None else lt(strength)
+    cca_logit_loss(*_fixed_pair(), tau=tau, weight=None, scale=1.0).backward()
     return lt.theta.grad.clone()
 
 
@@ -154,52 +154,52 @@ def test_etht_reverses_and_scales_by_xi():
     lt = LearnableTemperature(init=4.0)
     plain = _theta_grad(lt, None)
     assert plain.abs().item() > 0
-    for xi in (0.25, 1.0):   # exactly -xi times the plain gradient on theta
-        torch.testing.assert_close(_theta_grad(lt, xi), -xi * plain)
+    for strength in (0.25, 1.0):   # exactly -strength times the plain gradient on theta
+        torch.testing.assert_close(_theta_grad(lt, strength), -strength * plain)
     assert _theta_grad(lt, 0.0).item() == 0.0
 
     pair64 = [t.double() for t in _fixed_pair()]
 
     def loss_at(m):
         with torch.no_grad():
-            return cca_logit_loss(*pair64, tau=m.value, beta_scale=1.0).item()
+            return cca_logit_loss(*pair64, tau=m.value, scale=1.0).item()
 
     # one SGD step with the reversed gradient moves tau so the distillation loss INCREASES,
-    # and the theta step is proportional to xi. In float64: in float32, theta (~-0.69, ulp 6e-8)
+    # and the theta step is proportional to strength. In float64: in float32, theta (~-0.69, ulp 6e-8)
     # minus a step of ~1e-4 rounds the step to ~2.4e-4 relative, which depends on the CPU's
     # exp/log kernels (AVX2 gave 0.24997). In float64 the rounding is ~1e-12 relative; the
-    # gradient ratio is exact (xi = 0.25 is a power of two), so rel=1e-9 is ample and still
-    # rejects any other scaling (xi**2 -> 0.0625, a missing xi -> 1.0).
+    # gradient ratio is exact (strength = 0.25 is a power of two), so rel=1e-9 is ample and still
+    # rejects any other scaling (strength**2 -> 0.0625, a missing strength -> 1.0).
     steps = {}
-    for xi in (0.25, 1.0):
+    for strength in (0.25, 1.0):
         m = LearnableTemperature(init=4.0).double()
         before, theta0 = loss_at(m), m.theta.item()
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
         opt.zero_grad()
-        cca_logit_loss(*pair64, tau=m(xi), beta_scale=1.0).backward()
+        cca_logit_loss(*pair64, tau=m(strength), scale=1.0).backward()
         opt.step()
         assert loss_at(m) > before
-        steps[xi] = m.theta.item() - theta0
+        steps[strength] = m.theta.item() - theta0
     assert steps[0.25] / steps[1.0] == pytest.approx(0.25, rel=1e-9)
 
 
-def test_xi_schedule():
-    # cosine: xi_max * 0.5 (1 - cos(pi t/T)) at t = 0, T/4, T/2, T
-    assert xi_schedule(0.0, 2.0, "cosine") == pytest.approx(0.0)
-    assert xi_schedule(0.25, 2.0, "cosine") == pytest.approx(2.0 * 0.5 * (1 - math.sqrt(0.5)))
-    assert xi_schedule(0.5, 2.0, "cosine") == pytest.approx(1.0)
-    assert xi_schedule(1.0, 2.0, "cosine") == pytest.approx(2.0)
-    # ctkd: the same ramp over the first 10 of 200 epochs, then flat at xi_max
-    assert xi_schedule(0.0, 1.0, "ctkd", total_epochs=200) == pytest.approx(0.0)
-    assert xi_schedule(5 / 200, 1.0, "ctkd", total_epochs=200) == pytest.approx(0.5)
-    assert xi_schedule(10 / 200, 1.0, "ctkd", total_epochs=200) == pytest.approx(1.0)
-    assert xi_schedule(0.5, 1.0, "ctkd", total_epochs=200) == pytest.approx(1.0)
-    assert xi_schedule(1.0, 1.0, "ctkd", total_epochs=200) == pytest.approx(1.0)
+def test_reversal_schedule():
+    # cosine: strength_max * 0.5 (1 - cos(pi t/T)) at t = 0, T/4, T/2, T
+    assert reversal_schedule(0.0, 2.0, "cosine") == pytest.approx(0.0)
+    assert reversal_schedule(0.25, 2.0, "cosine") == pytest.approx(2.0 * 0.5 * (1 - math.sqrt(0.5)))
+    assert reversal_schedule(0.5, 2.0, "cosine") == pytest.approx(1.0)
+    assert reversal_schedule(1.0, 2.0, "cosine") == pytest.approx(2.0)
+    # ctkd: the same ramp over the first 10 of 200 epochs, then flat at strength_max
+    assert reversal_schedule(0.0, 1.0, "ctkd", total_epochs=200) == pytest.approx(0.0)
+    assert reversal_schedule(5 / 200, 1.0, "ctkd", total_epochs=200) == pytest.approx(0.5)
+    assert reversal_schedule(10 / 200, 1.0, "ctkd", total_epochs=200) == pytest.approx(1.0)
+    assert reversal_schedule(0.5, 1.0, "ctkd", total_epochs=200) == pytest.approx(1.0)
+    assert reversal_schedule(1.0, 1.0, "ctkd", total_epochs=200) == pytest.approx(1.0)
     ts = [i / 50 for i in range(51)]
     for kind in ("cosine", "ctkd"):
-        vals = [xi_schedule(t, 1.0, kind, total_epochs=200) for t in ts]
+        vals = [reversal_schedule(t, 1.0, kind, total_epochs=200) for t in ts]
         assert all(b >= a for a, b in zip(vals, vals[1:]))               # monotone (Eq. 12)
     with pytest.raises(ValueError):
-        xi_schedule(0.5, 1.0, "ctkd")
+        reversal_schedule(0.5, 1.0, "ctkd")
     with pytest.raises(ValueError):
-        xi_schedule(0.5, 1.0, "linear")
+        reversal_schedule(0.5, 1.0, "linear")

@@ -32,7 +32,7 @@ def test_golden_three_bins():
     expected = (0.75 * ln2 + math.log(3.0)) / 2
     # fp32 (u = 6e-8): log_softmax's exp/log are ~1 ulp per element (vectorised per CPU), ~6
     # terms of size ~0.7 -> up to ~5e-7 relative; rel=1e-5 is CPU-proof, a wrong term is >= 10%
-    assert simcc_kl_loss(lx, ly, tx, ty, w, beta=BETA).item() == pytest.approx(expected, rel=1e-5)
+    assert simcc_kl_loss(lx, ly, tx, ty, w, scale=BETA).item() == pytest.approx(expected, rel=1e-5)
     per_joint = simcc_kl_per_joint(lx, tx, BETA)[0, :2]
     torch.testing.assert_close(per_joint, torch.tensor([ln2 / 2, ln2 / 4]))
 

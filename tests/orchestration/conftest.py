@@ -34,6 +34,19 @@ def load_script(path: Path, name: str):
     return module
 
 
+FAULT_HOOK = Path(__file__).resolve().parent / "fault_hook"
+
+
+def fault_env(epoch: int, marker: Path, action: str = "exit", stage: str = "") -> dict:
+    """Environment for a process that starts Ray: its Ray Train workers load
+    fault_hook/sitecustomize.py, whose rank-0 worker exits (or hangs) at epoch ``epoch``'s
+    report of ``stage``'s run, once (``marker`` records it). kdray itself knows nothing of it."""
+    path = os.pathsep.join(p for p in (str(FAULT_HOOK), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "KDRAY_TEST_FAULT_AT_EPOCH": str(epoch),
+            "KDRAY_TEST_FAULT_ACTION": action, "KDRAY_TEST_FAULT_STAGE": stage,
+            "KDRAY_TEST_FAULT_MARKER": str(marker)}
+
+
 def kill_ray_under(ray_tmp: str) -> None:
     """Stop what a killed driver's private Ray left behind: processes whose command line
     names its own temp dir (ours alone), by pid."""
@@ -79,16 +92,33 @@ def smoke_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A real local Ray with 2 CPUs for this module, always shut down."""
+@contextlib.contextmanager
+def local_ray(env: dict | None = None):
+    """A real local Ray with 2 CPUs, always shut down; ``env`` is set while it starts, so its
+    worker processes inherit it (e.g. :func:`fault_env`), and put back afterwards."""
     import ray
 
     from kdray.orchestration.ray_train import loopback_only
     os.environ.setdefault("KDRAY_PROGRESS", "0")
     loopback_only()   # as kdray's own local Ray: every port on 127.0.0.1
-    ray.init(address="local", num_cpus=2)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        ray.init(address="local", num_cpus=2)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray with 2 CPUs for this module, always shut down."""
+    with local_ray() as ray:
+        yield ray

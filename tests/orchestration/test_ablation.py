@@ -53,6 +53,14 @@ def test_table_has_five_rows_with_the_paper_column(table):
     assert list(df["row"]) == ["n1", "n2", "n3", "n4", "n5"]
     assert df["paper_Mean"].tolist() == [78.621, 79.037, 79.362, 76.937, 76.831]
     assert (df["seeds"] == 1).all() and df["mean"].notna().all()
+    # the statistics columns are there; one seed gives no interval, so nothing is resolved
+    assert {"ci95", "vs_baseline", "vs_ci_lo", "vs_ci_hi", "p", "resolved"} <= set(df.columns)
+    assert (df["baseline"] == "n3").all() and not df["resolved"].any()
+    n3 = df.set_index("row").loc["n3"]
+    assert n3["ci95"] != n3["ci95"] and n3["vs_baseline"] != n3["vs_baseline"]   # NaN
+    n1 = df.set_index("row").loc["n1"]
+    assert n1["vs_baseline"] == pytest.approx(n1["mean"] - n3["mean"])
+    assert "| vs baseline |" in md and "(baseline)" in rows[2]
     assert all(len(ids) == 1 for ids in df["mlflow_run_ids"])
     assert open(summary["outputs"]["png"], "rb").read(4) == b"\x89PNG"
     line = [x for x in table["stdout"].splitlines() if x.startswith("{")][-1]

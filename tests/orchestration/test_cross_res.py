@@ -28,4 +28,12 @@ def test_cross_res_refine_runs_baseline_cdkd_and_refined(tmp_path, smoke_data, r
     from kdray.inference import model_from_checkpoint
     _, meta = model_from_checkpoint(stages["refined"])
     assert meta["kind"] == "refined" and meta["input_size"] == [32, 32]
+
+    # pipelines/cdkd.py reports the same baseline beside its CDKD student: one cached stage
+    cdkd = load_script(REPO / "pipelines" / "cdkd.py", "cdkd_pipeline").main(
+        ["--config", str(SMOKE), "--storage", str(tmp_path), *FAST, f"data.root={smoke_data}"])
+    assert cdkd["outputs"]["stages"]["baseline"] == stages["baseline"]
+    assert cdkd["outputs"]["stages"]["cdkd"] == stages["cdkd"]
+    assert (cdkd["metrics"]["AP_baseline"], cdkd["metrics"]["AP_cdkd"]) == (m["AP_baseline"],
+                                                                            m["AP_cdkd"])
     capsys.readouterr()

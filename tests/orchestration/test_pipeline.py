@@ -21,7 +21,7 @@ from kdray.config import load_config, with_overrides
 from kdray.orchestration import pipeline, ray_train
 from kdray.stages import TEACHER, TSD_STUDENT
 
-from .conftest import FAST, REPO, SMOKE, load_script, run_then_kill
+from .conftest import FAST, REPO, SMOKE, fault_env, load_script, run_then_kill
 
 SCRIPT = REPO / "pipelines" / "two_stage.py"
 
@@ -51,8 +51,7 @@ def scenario(tmp_path_factory, smoke_data, ray_local):
     marker = storage / "hang.marker"
     run_then_kill(SCRIPT, argv, storage, storage / "killed_driver.log", marker.exists, 400,
                   "stage 1 never reached epoch 2",
-                  env={"KDRAY_FAULT_AT_EPOCH": "2", "KDRAY_FAULT_STAGE": "student",
-                       "KDRAY_FAULT_ACTION": "hang", "KDRAY_FAULT_MARKER": str(marker)})
+                  env=fault_env(epoch=2, marker=marker, action="hang", stage="student"))
     teacher_marker = cache / f"teacher-{teacher_key}" / "stage.json"
     killed = {"teacher_mtime": teacher_marker.stat().st_mtime_ns,
               "teacher_attempts": ray_train.read_attempts(teacher_marker.parent),

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from kdray.config import load_config, with_overrides
 from kdray.orchestration import ray_train
 from kdray.stages import TEACHER
 
-from .conftest import FAST, SMOKE
+from .conftest import FAST, SMOKE, fault_env, local_ray
 
 VARYING = ("throughput", "throughput_total", "epoch_seconds")  # wall-clock, not results
 
@@ -25,8 +26,17 @@ def _same(a: dict, b: dict) -> list[str]:
     return bad
 
 
-def test_worker_killed_mid_stage_resumes_to_the_uninterrupted_result(ray_local, smoke_data,
-                                                                      tmp_path, monkeypatch):
+@pytest.fixture
+def faulty_ray(tmp_path):
+    """A local Ray whose Train workers exit hard at epoch 2's report, after epoch 1's
+    checkpoint went to Ray (tests/orchestration/fault_hook); the marker file says it did."""
+    marker = tmp_path / "fault.marker"
+    with local_ray(fault_env(epoch=2, marker=marker)):
+        yield marker
+
+
+def test_worker_killed_mid_stage_resumes_to_the_uninterrupted_result(faulty_ray, smoke_data,
+                                                                      tmp_path):
     cfg = load_config(SMOKE, [*FAST, f"data.root={smoke_data}",
                               "teacher.model.backbone=mobilenetv3_small_100",
                               "teacher.train.epochs=2", "ray.num_workers=1",
@@ -44,12 +54,9 @@ def test_worker_killed_mid_stage_resumes_to_the_uninterrupted_result(ray_local, 
     assert [h["epoch"] for h in plain.history] == [1, 2]
 
     # The worker exits hard at epoch 2's report, after epoch 1's checkpoint went to Ray.
-    marker = tmp_path / "fault.marker"
-    monkeypatch.setenv("KDRAY_FAULT_AT_EPOCH", "2")
-    monkeypatch.setenv("KDRAY_FAULT_MARKER", str(marker))
     result = ray_train.train_stage(TEACHER, cfg, tmp_path / "stage", {}, "teacher-fault",
                                    tmp_path / "ray")
-    assert marker.exists(), "the fault was not injected"
+    assert faulty_ray.exists(), "the fault was not injected"
     starts = [a["start_epoch"] for a in ray_train.read_attempts(tmp_path / "stage")]
     assert starts == [1, 2], f"expected a second worker group resuming at epoch 2: {starts}"
     assert [h["epoch"] for h in result.history] == [1, 2]

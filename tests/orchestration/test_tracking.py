@@ -6,33 +6,34 @@ import subprocess
 import sys
 import textwrap
 
-from kdray.orchestration import tracking
+from kdray.orchestration import registry, tracking
 
 WRITERS, EPOCHS, KEYS = 8, 20, 10
 
 WRITER = textwrap.dedent("""
     import sys
-    from kdray.orchestration import tracking
+    from kdray.orchestration.tracking import Tracker
     uri, exp, parent, i = sys.argv[1:5]
-    run = tracking.start_run(uri, exp, f"writer-{i}", parent_id=parent, tags={"writer": i})
-    tracking.log_params(uri, run, {f"p{j}": j for j in range(120)})   # > 100: batched
+    run = Tracker(uri, exp, parent).run(f"writer-{i}", tags={"writer": i},
+                                        params={f"p{j}": j for j in range(120)})  # > 100: batched
     for epoch in range(1, %d + 1):
-        tracking.log_metrics(uri, run, {f"m{j}": epoch * 100 + j for j in range(%d)}, epoch)
-    tracking.end_run(uri, run)
+        run.log_metrics({f"m{j}": epoch * 100 + j for j in range(%d)}, epoch)
+    run.close()
 """ % (EPOCHS, KEYS))
 
 
 def test_eight_concurrent_writers_lose_no_run_or_metric(tmp_path):
     uri = tracking.resolve_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = tracking.init_store(uri, "kdray")          # the driver creates the store first
-    parent = tracking.start_run(uri, exp, "sweep")
+    store = tracking.Tracker.open(uri, "kdray")     # the driver creates the store first
+    exp, sweep = store.experiment_id, store.run("sweep")
+    parent = sweep.run_id
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, exp, parent, str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(WRITERS)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)
-    tracking.end_run(uri, parent)
+    sweep.close()
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
@@ -61,7 +62,7 @@ def test_uri_is_absolute_and_relative_sqlite_resolves_against_storage(tmp_path, 
 def test_champion_moves_only_on_a_better_score_on_the_same_val_set():
     class V:
         tags = {"val_set": "a", "metric": "val_AP", "metric_value": "50.0"}
-    assert tracking._beats(51.0, "val_AP", "a", V)
-    assert not tracking._beats(50.0, "val_AP", "a", V)
-    assert not tracking._beats(99.0, "val_AP", "b", V)      # another val set: not comparable
-    assert not tracking._beats(99.0, "val_Mean", "a", V)
+    assert registry._beats(51.0, "val_AP", "a", V)
+    assert not registry._beats(50.0, "val_AP", "a", V)
+    assert not registry._beats(99.0, "val_AP", "b", V)      # another val set: not comparable
+    assert not registry._beats(99.0, "val_Mean", "a", V)
