@@ -134,22 +134,23 @@ def load_weights(module: nn.Module, timm_name: str, path: str) -> str:
     return report
 
 
+def model_configs(cfg):
+    """(dotted key, ModelConfig) for every network section of an ExperimentConfig."""
+    from dataclasses import fields, is_dataclass
+
+    from kdray.config import ModelConfig
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, ModelConfig):
+            yield f.name, value
+        elif is_dataclass(value):
+            yield from ((f"{f.name}.{k}", m) for k, m in model_configs(value))
+
+
 def check_pretrained(cfg, skip: tuple[str, ...] = ()) -> None:
     """Resolve every ``*.model.pretrained`` in ``cfg`` (an ExperimentConfig) now, so a pipeline
     downloads or fails before any compute; ``skip``: dotted prefixes of networks that come
     from a given checkpoint (``teacher.model`` under ``--teacher``)."""
-    from dataclasses import fields, is_dataclass
-
-    from kdray.config import ModelConfig
-
-    def walk(node, prefix):
-        for f in fields(node):
-            value, key = getattr(node, f.name), prefix + f.name
-            if isinstance(value, ModelConfig):
-                yield key, value
-            elif is_dataclass(value):
-                yield from walk(value, key + ".")
-
-    for key, model_cfg in walk(cfg, ""):
+    for key, model_cfg in model_configs(cfg):
         if model_cfg.pretrained and key not in skip:
             backbone_weights(model_cfg, key)
