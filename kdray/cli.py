@@ -6,6 +6,7 @@
     kdray eval --gt ANN.json --pred RESULTS.json --metric coco|crowdpose|pckh [--json]
     kdray train --config configs/demo_teacher.yaml --out DIR [--stage teacher] [a.b=c ...]
     kdray predict --model CKPT|models:/NAME@ALIAS IMAGE [--boxes DET.json] --out pose.png
+                  [--score-thr .5 --nms-iou .5] [--json keypoints.json]
     kdray test --model CKPT|models:/NAME@ALIAS [--config C] [a.b=c ...] --out DIR
     kdray export --model CKPT|models:/NAME@ALIAS --onnx OUT.onnx
     kdray registry list | kdray registry show NAME@ALIAS
@@ -94,53 +95,9 @@ def _train(args) -> int:
 
 
 def _predict(args) -> int:
-    import cv2
-    import numpy as np
-
-    from kdray.data.coco import read_image
-    from kdray.data.keypoints import spec_for
-    from kdray.errors import InputError
-    from kdray.inference import Predictor, model_from_checkpoint
-    from kdray.vis import draw_pose
-
-    if not cv2.haveImageWriter(str(args.out)):  # before any compute: .txt, no extension, a dir
-        raise InputError(f"--out {args.out}: OpenCV has no image writer for this file name; "
-                         f"use an image extension such as .png or .jpg")
-    canvas = read_image(args.image)  # BGR uint8; a clear error naming the file
-    boxes = _boxes_for(args, canvas)  # validated before the model loads
-    if args.model.startswith("models:/"):
-        from kdray.orchestration.registry import load_registered
-        from kdray.orchestration.tracking import existing_store
-        module, meta = load_registered(args.model, existing_store())
-    else:
-        module, meta = model_from_checkpoint(args.model)
-    keypoints = Predictor(module, meta)(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), boxes)
-    spec = spec_for(meta["dataset"])
-    for kp in keypoints:
-        canvas = draw_pose(canvas, kp, spec, score_thr=0.0)  # SimCC scores are small
-    try:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"--out {args.out}: cannot create its folder ({e.strerror})") from None
-    if not cv2.imwrite(str(args.out), canvas):  # False, not an exception, for /proc/x.png
-        raise InputError(f"--out {args.out}: OpenCV could not write the image (is the folder "
-                         f"writable?)")
-    print(json.dumps({"out": str(args.out), "persons": len(keypoints),
-                      "keypoints": np.round(keypoints, 2).tolist()}))
+    from kdray.predict import run_predict
+    print(json.dumps(run_predict(args)))
     return 0
-
-
-def _boxes_for(args, image):
-    """Detector boxes of this image (COCO results file, by file-name id), else the whole image."""
-    import numpy as np
-
-    from kdray.data.coco import image_boxes
-    h, w = image.shape[:2]
-    if not args.boxes:
-        return np.array([[0, 0, w, h]], np.float32)
-    stem = Path(args.image).stem
-    boxes = image_boxes(args.boxes, int(stem) if stem.isdigit() else None, args.score_thr)
-    return boxes if len(boxes) else np.array([[0, 0, w, h]], np.float32)
 
 
 def _test(args) -> int:
@@ -245,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "image is one person box")
     pr.add_argument("--score-thr", type=float, default=0.5,
                     help="skip --boxes entries scoring below this (default: %(default)s)")
+    pr.add_argument("--nms-iou", type=float, default=0.5,
+                    help="drop a box overlapping a better one by more than this IoU "
+                         "(default: %(default)s)")
+    pr.add_argument("--json", default=None,
+                    help="also write the keypoints as COCO keypoint results to this file "
+                         "(default: none)")
     pr.add_argument("--out", default="pose.png",
                     help="image with the drawn skeletons (default: %(default)s)")
 

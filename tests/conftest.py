@@ -38,3 +38,24 @@ def tiny_cfg(synth_root):
         f"data.root={synth_root}", "data.synth.train=64", "data.synth.val=24",
         "teacher.model.backbone=mobilenetv3_small_100",
         "teacher.train.batch_size=16", "student.train.batch_size=16"])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained kdray checkpoint (MobileNetV3-small SimCC, 96x64, COCO-17) whose head starts
+    at PyTorch's init scale, so its logits have clear peaks (inference plumbing tests)."""
+    import torch
+
+    from kdray.config import load_config
+    from kdray.data.keypoints import spec_for
+    from kdray.inference import pose_model_meta
+    from kdray.nn.pose_model import build_pose_model
+    from kdray.stages import TEACHER
+    cfg = load_config(None, ["data.input_size=[96, 64]", "teacher.model.head_init_scale=1.0",
+                             "teacher.model.backbone=mobilenetv3_small_100"])
+    torch.manual_seed(0)
+    model = build_pose_model(cfg.teacher.model, 17, (96, 64), cfg.data.split_ratio)
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "last.pt"
+    torch.save({"model": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "meta": pose_model_meta(TEACHER, cfg, spec_for("coco"))}, path)
+    return path

@@ -8,33 +8,18 @@ import onnxruntime as ort
 import torch
 
 from kdray.cli import main as kdray
-from kdray.config import DataConfig, ModelConfig, to_dict
+from kdray.config import DataConfig
 from kdray.data.coco import load_dataset
 from kdray.data.dataset import PoseDataset
 from kdray.export import Deployable
 from kdray.inference import model_from_checkpoint
-from kdray.nn.pose_model import build_pose_model
 
 SIZE = (96, 64)
 
 
-def _checkpoint(path):
-    """A kdray checkpoint of a MobileNetV3 SimCC model whose head starts at PyTorch's scale, so
-    the logits have clear peaks (parity is about the graph, not about training)."""
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(backbone="mobilenetv3_small_100", head_init_scale=1.0)
-    net = build_pose_model(model_cfg, 17, SIZE, 2.0)
-    meta = {"stage": "teacher", "kind": "simcc", "model": to_dict(model_cfg), "dataset": "coco",
-            "num_joints": 17, "input_size": list(SIZE), "split_ratio": 2.0, "sigma": 3.0,
-            "padding": 1.25}
-    torch.save({"model": {f"model.{k}": v for k, v in net.state_dict().items()}, "meta": meta},
-               path)
-
-
-def test_onnx_keypoints_match_pytorch_on_real_crops(real_data, tmp_path, capsys):
-    _checkpoint(tmp_path / "m.pt")
+def test_onnx_keypoints_match_pytorch_on_real_crops(real_data, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "deploy" / "pose.onnx"
-    assert kdray(["export", "--model", str(tmp_path / "m.pt"), "--onnx", str(out)]) == 0
+    assert kdray(["export", "--model", str(tiny_checkpoint), "--onnx", str(out)]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["input"] == {"crops": ["batch", 3, *SIZE], "dtype": "uint8"}
     assert info["outputs"]["keypoints"] == ["batch", 17, 2]
@@ -46,7 +31,7 @@ def test_onnx_keypoints_match_pytorch_on_real_crops(real_data, tmp_path, capsys)
     crops = torch.stack([ds[i]["image"] for i in range(len(ds))])   # uint8 (12, 3, 96, 64)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     keypoints, scores = session.run(None, {"crops": crops.numpy()})
-    module, meta = model_from_checkpoint(tmp_path / "m.pt")
+    module, meta = model_from_checkpoint(tiny_checkpoint)
     with torch.no_grad():
         ref_kp, ref_scores = Deployable(module, meta).eval()(crops)
     # argmax bins agree exactly (0.0 px measured); softmax peaks to fp32 rounding (~1e-7)
@@ -57,6 +42,6 @@ def test_onnx_keypoints_match_pytorch_on_real_crops(real_data, tmp_path, capsys)
     one, _ = session.run(None, {"crops": crops[:1].numpy()})
     np.testing.assert_array_equal(one, keypoints[:1])
     # a name the exporter cannot write is the user's mistake: exit 2, nothing written
-    assert kdray(["export", "--model", str(tmp_path / "m.pt"), "--onnx",
+    assert kdray(["export", "--model", str(tiny_checkpoint), "--onnx",
                   str(tmp_path / "pose.txt")]) == 2
     assert "--onnx" in capsys.readouterr().err and not (tmp_path / "pose.txt").exists()
