@@ -117,7 +117,8 @@ def main(argv=None) -> dict:
         print(f"| SimCC k=2 | {text} | {d:.0f} | {f:.0f} |")
 
     size = (96, 64)
-    model = build_pose_model(ModelConfig(backbone=args.student), 17, size, 2.0).eval()
+    model = build_pose_model(ModelConfig(backbone=args.student), SimCCCodec(size, 2.0),
+                             flip).eval()
     x = torch.randn(64, 3, *size)
     with torch.no_grad():
         plain = 64 / timed(lambda: model(x), 5)

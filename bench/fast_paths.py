@@ -26,7 +26,9 @@ import time
 
 import torch
 
+from kdray.codecs.simcc import SimCCCodec
 from kdray.config import ModelConfig, load_config
+from kdray.data.keypoints import COCO
 from kdray.losses.simcc import simcc_kl_loss
 from kdray.nn.pose_model import build_pose_model
 
@@ -37,7 +39,8 @@ COMPILED = {"cl+compile": (False, True, True), "bf16+cl+compile": (True, True, T
 
 def build(backbone: str, size, k: float, channels_last: bool, compile_: bool, seed: int = 0):
     torch.manual_seed(seed)
-    model = build_pose_model(ModelConfig(backbone=backbone), 17, tuple(size), k).train()
+    model = build_pose_model(ModelConfig(backbone=backbone), SimCCCodec(tuple(size), k),
+                             COCO.flip_index()).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

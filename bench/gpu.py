@@ -50,13 +50,13 @@ def forward_flops(model, size) -> float:
 def make_task(kind: str, device):
     codec = SimCCCodec(SIZE, K, 6.0)
     flip = COCO.flip_index()
-    student = build_pose_model(ModelConfig(backbone="hrnet_w32"), 17, SIZE, K)
+    student = build_pose_model(ModelConfig(backbone="hrnet_w32"), codec, flip)
     if kind == "simcc":
-        task, teacher = SimCCTask(student, codec, flip), None
+        task, teacher = SimCCTask(student), None
     else:
-        teacher = build_pose_model(ModelConfig(backbone="hrnet_w48"), 17, SIZE, K)
+        teacher = build_pose_model(ModelConfig(backbone="hrnet_w48"), codec, flip)
         edges = torch.tensor(COCO.skeleton, dtype=torch.long)
-        task = TSDStage1Task(student, teacher, codec, flip, TSDStage1Config(), edges,
+        task = TSDStage1Task(student, teacher, TSDStage1Config(), edges,
                              tsd.edge_weights(COCO.skeleton, "uniform", None))
     task = task.to(device).to(memory_format=torch.channels_last)
     flops = 3 * forward_flops(student, SIZE) + (forward_flops(teacher, SIZE) if teacher else 0)

@@ -21,9 +21,11 @@ import time
 
 import torch
 
+from kdray.codecs.simcc import SimCCCodec
 from kdray.config import ModelConfig
 from kdray.eval.complexity import complexity
 from kdray.losses.simcc import simcc_kl_loss
+from kdray.data.keypoints import spec_for_count
 from kdray.nn.pose_model import build_pose_model
 
 SWEEP_BACKBONES = ("hrnet_w18_small", "hrnet_w18_small_v2", "mobilenetv3_small_100", "resnet18")
@@ -34,7 +36,8 @@ def make_step(backbone: str, size: tuple[int, int], batch: int, bf16: bool, chan
               k: float = 2.0, joints: int = 17):
     """A closure running one training step; returns (step, model)."""
     torch.manual_seed(0)
-    model = build_pose_model(ModelConfig(backbone=backbone), joints, size, k).train()
+    model = build_pose_model(ModelConfig(backbone=backbone), SimCCCodec(size, k),
+                             spec_for_count(joints).flip_index()).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

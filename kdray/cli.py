@@ -64,12 +64,12 @@ def _train(args) -> int:
                          f"student's stage")
     if args.dry_run:
         from kdray.data.keypoints import spec_for
-        from kdray.nn.pose_model import build_pose_model
-        import dataclasses
+        from kdray.config import with_overrides
         model_cfg, size = stage.model(cfg), stage.input_size(cfg)
         # counting needs no ImageNet weights (nor a download)
-        model = build_pose_model(dataclasses.replace(model_cfg, pretrained=False, weights=""), spec_for(cfg.data.dataset).num_joints, size,
-                                 cfg.data.split_ratio, size_field=stage.size_key)
+        counted = with_overrides(cfg, {f"{stage.model_key}.pretrained": False,
+                                       f"{stage.model_key}.weights": ""})
+        model = stage.pose_model(counted, spec_for(cfg.data.dataset))
         print(json.dumps({"stage": stage.name, "backbone": model_cfg.backbone,
                           "input_size": list(size), **complexity(model, size)}))
         return 0

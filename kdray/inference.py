@@ -2,7 +2,9 @@
 
 A checkpoint (kdray.train) carries ``meta``: the model config, input size, joint layout and
 kind (``simcc`` or ``refined`` = student + IGP-GCN), so loading needs nothing but the file, read
-with ``torch.load(weights_only=True)``. The MLflow pyfunc wrapper uses the same code.
+with ``torch.load(weights_only=True)``; the rebuilt network holds the codec the meta describes
+and both kinds answer ``predict(images, flip_test) -> (coords, scores)``. The MLflow pyfunc
+wrapper uses the same code.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from kdray.data.keypoints import KeypointSpec, spec_for
 from kdray.data.transforms import back_to_image, box_to_center_scale, get_affine
 from kdray.nn.igp_gcn import IGPGCN
 from kdray.nn.pose_model import build_pose_model
-from kdray.nn.refined import RefinedPoseModel, gcn_feature_channels, simcc_logits
+from kdray.nn.refined import RefinedPoseModel, gcn_feature_channels
 from kdray.train import CheckpointError, load_checkpoint
 
 
@@ -66,7 +68,12 @@ def model_from_state(state: dict, source: str = "<state>") -> tuple[nn.Module, d
         model_cfg = from_dict(meta["model"], f"{source}: meta.model", cls=ModelConfig)
         # the checkpoint's weights replace the backbone's init: no ImageNet file is needed
         model_cfg = dataclasses.replace(model_cfg, weights="", pretrained=False)
-        student = build_pose_model(model_cfg, meta["num_joints"], size, meta["split_ratio"])
+        if meta["num_joints"] != spec.num_joints:
+            raise ValueError(f"num_joints = {meta['num_joints']}, but {spec.name} has "
+                             f"{spec.num_joints}")
+        # sigma only shapes training targets; decoding reads the size and the split ratio
+        codec = SimCCCodec(size, meta["split_ratio"], meta["sigma"])
+        student = build_pose_model(model_cfg, codec, spec.flip_index())
     except (KeyError, TypeError, ValueError) as e:  # ConfigError (a ValueError) included
         raise CheckpointError(f"{source}: checkpoint field 'meta' does not describe a model "
                               f"kdray can build ({e})") from None
@@ -75,8 +82,7 @@ def model_from_state(state: dict, source: str = "<state>") -> tuple[nn.Module, d
     if meta["kind"] == "refined":
         gcn = IGPGCN(spec.num_joints, spec.skeleton, gcn_feature_channels(student),
                      hidden=meta["gcn_hidden"])
-        codec = SimCCCodec(size, meta["split_ratio"], meta["sigma"])
-        module = RefinedPoseModel(student, gcn, codec, spec.flip_index())
+        module = RefinedPoseModel(student, gcn)
     try:
         module.load_state_dict(weights)
     except RuntimeError as e:
@@ -98,19 +104,12 @@ class Predictor:
         self.device = torch.device(device)
         self.size = tuple(meta["input_size"])
         self.spec = spec_for(meta["dataset"])
-        self.codec = SimCCCodec(self.size, meta["split_ratio"], meta["sigma"])
 
     @torch.no_grad()
     def crops(self, images: torch.Tensor, flip_test: bool = True):
         """uint8 (B, 3, H, W) RGB crops at the input size -> coords (B, K, 2) in crop pixels,
         scores (B, K)."""
-        images = normalize(images)
-        if isinstance(self.module, RefinedPoseModel):
-            out = self.module.refine(images, flip_test=flip_test)
-            return out["poses"][-1] * self.module.wh, out["scores"]
-        lx, ly, _ = simcc_logits(self.module, images, self.spec.flip_index(), flip_test,
-                                 self.codec.split_ratio)
-        return self.codec.decode(lx, ly)
+        return self.module.predict(normalize(images), flip_test)
 
     @torch.no_grad()
     def __call__(self, image_rgb: np.ndarray, boxes: np.ndarray, flip_test: bool = True):

@@ -31,7 +31,8 @@ from kdray.tasks import CDKDTask, SimCCTask, TSDStage1Task, TSDStage2Task
 
 
 def codec_for(cfg: ExperimentConfig, size) -> SimCCCodec:
-    """The codec of a view; the same sigma scaling as the dataset's targets."""
+    """The codec of a view; the same sigma scaling as the dataset's targets. Built once per
+    network, by :meth:`Stage.pose_model`: the model decodes its own predictions with it."""
     sigma = sigma_for_size(cfg.data.sigma, tuple(size), tuple(cfg.data.input_size))
     return SimCCCodec(tuple(size), cfg.data.split_ratio, sigma)
 
@@ -69,6 +70,12 @@ class Stage:
         """The size of the dataset's low-resolution view, or None when it needs none."""
         return None if self.size_key == "data.input_size" else self.input_size(cfg)
 
+    def pose_model(self, cfg: ExperimentConfig, spec: KeypointSpec) -> nn.Module:
+        """A fresh pose network of ``model(cfg)`` for ``input_size(cfg)``, holding its codec."""
+        size = self.input_size(cfg)
+        return build_pose_model(self.model(cfg), codec_for(cfg, size), spec.flip_index(),
+                                size_field=self.size_key)
+
     def seed(self, cfg: ExperimentConfig) -> int:
         """The networks are seeded with it before they are built: the initial weights do not
         depend on what ran earlier in the process (a Ray worker vs the plain loop)."""
@@ -84,9 +91,7 @@ class Teacher(Stage):
         return {"teacher": cfg.teacher}
 
     def build_task(self, cfg, spec, train_records, nets):
-        size = self.input_size(cfg)
-        model = build_pose_model(cfg.teacher.model, spec.num_joints, size, cfg.data.split_ratio)
-        return SimCCTask(model, codec_for(cfg, size), spec.flip_index())
+        return SimCCTask(self.pose_model(cfg, spec))
 
 
 class TSDStudent(Stage):
@@ -99,13 +104,12 @@ class TSDStudent(Stage):
         return {"student": cfg.student, **kd}
 
     def build_task(self, cfg, spec, train_records, nets):
-        size, s1 = self.input_size(cfg), cfg.tsd.stage1
-        model = build_pose_model(cfg.student.model, spec.num_joints, size, cfg.data.split_ratio)
+        model, s1 = self.pose_model(cfg, spec), cfg.tsd.stage1
         lengths = None
         if s1.edge_weights == "inverse_length":
             lengths = tsd.mean_edge_lengths(_normalised_keypoints(train_records), spec.skeleton)
-        return TSDStage1Task(model, nets.get("teacher"), codec_for(cfg, size), spec.flip_index(),
-                             s1, torch.tensor(spec.skeleton, dtype=torch.long),
+        return TSDStage1Task(model, nets.get("teacher"), s1,
+                             torch.tensor(spec.skeleton, dtype=torch.long),
                              tsd.edge_weights(spec.skeleton, s1.edge_weights, lengths))
 
 
@@ -125,9 +129,9 @@ class Refinement(Stage):
         gcn = IGPGCN(spec.num_joints, spec.skeleton, gcn_feature_channels(student),
                      hidden=s2.hidden)
         low = self.low_res(cfg) is not None
-        return TSDStage2Task(student, gcn, nets.get("teacher"), codec_for(cfg, self.input_size(cfg)),
-                             spec.flip_index(), s2, view="image_low" if low else "image",
-                             teacher_codec=codec_for(cfg, cfg.data.input_size))
+        return TSDStage2Task(student, gcn, nets.get("teacher"), s2,
+                             view="image_low" if low else "image",
+                             image_size=tuple(cfg.data.input_size))
 
 
 class CDKDStudent(Stage):
@@ -142,15 +146,13 @@ class CDKDStudent(Stage):
         return {"cdkd": cfg.cdkd}
 
     def build_task(self, cfg, spec, train_records, nets):
-        low, teacher = self.input_size(cfg), nets.get("teacher")
-        model = build_pose_model(cfg.cdkd.student.model, spec.num_joints, low,
-                                 cfg.data.split_ratio, size_field=self.size_key)
+        model, teacher = self.pose_model(cfg, spec), nets.get("teacher")
         feat_hw = None
         if teacher is not None:
             with torch.no_grad():
                 feat_hw = tuple(teacher(torch.zeros(1, 3, *cfg.data.input_size))
                                 ["feats"][-1].shape[-2:])
-        return CDKDTask(model, teacher, codec_for(cfg, low), spec.flip_index(), cfg.cdkd, feat_hw)
+        return CDKDTask(model, teacher, cfg.cdkd, feat_hw)
 
 
 def _normalised_keypoints(records):

@@ -3,7 +3,8 @@
 A task owns the student, the frozen teacher (eval mode, ``requires_grad=False``, never in the
 optimizer) and the adapters. ``forward(batch, progress)`` returns ``loss``, every named loss term
 (``loss_*``) and predictions; ``trainable_parameters()`` feeds the optimizer;
-``predict(batch)`` gives crop-pixel coordinates for evaluation. The fit loop (kdray.train) runs
+``predict(batch)`` gives crop-pixel coordinates for evaluation: the deployable model's own
+``predict`` (its codec decodes) on the view it sees. The fit loop (kdray.train) runs
 every task unchanged: a method is a small composition of losses, not a branch in the loop.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdray.codecs.simcc import SOFTMAX_SCALE, SimCCCodec, soft_argmax
+from kdray.codecs.simcc import SOFTMAX_SCALE, soft_argmax
 from kdray.config import CDKDConfig, TSDStage1Config, TSDStage2Config
 from kdray.data.dataset import normalize
 from kdray.losses import cdkd as cdkd_losses
@@ -19,7 +20,7 @@ from kdray.losses import etht
 from kdray.losses import tsd
 from kdray.losses.simcc import simcc_kl_loss
 from kdray.nn.igp_gcn import IGPGCN
-from kdray.nn.refined import RefinedPoseModel, simcc_logits
+from kdray.nn.refined import RefinedPoseModel
 from kdray.nn.sape import SAPE, parse_kernel_mix
 
 
@@ -45,9 +46,11 @@ def student_task_loss(model: nn.Module, images: torch.Tensor, batch: dict, suffi
 
 
 class _Task(nn.Module):
-    """Shared plumbing: frozen members stay in eval mode whatever ``train()`` is called with."""
+    """Shared plumbing: frozen members stay in eval mode whatever ``train()`` is called with;
+    evaluation runs ``self.model.predict`` on the batch's ``view``."""
     frozen: tuple[str, ...] = ()
     meta: dict = {}
+    view = "image"      # the batch key of the images the deployable model sees
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -70,24 +73,22 @@ class _Task(nn.Module):
         if bad:
             raise KeyError(f"checkpoint does not match {type(self).__name__}: {bad[:5]}")
 
+    @torch.no_grad()
+    def predict(self, batch: dict, flip_test: bool = True) -> dict:
+        coords, scores = self.model.predict(normalize(batch[self.view]), flip_test)
+        return {"coords": coords, "scores": scores}
+
 
 class SimCCTask(_Task):
     """Plain SimCC training (the teacher, the undistilled student): L_KL only."""
 
-    def __init__(self, model: nn.Module, codec: SimCCCodec, flip_index: list[int]):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.model, self.codec, self.flip_index = model, codec, flip_index
+        self.model = model
 
     def forward(self, batch: dict, progress) -> dict:
         *_, l_kl = student_task_loss(self.model, normalize(batch["image"]), batch)
         return {"loss": l_kl, "loss_kl": l_kl}
-
-    @torch.no_grad()
-    def predict(self, batch: dict, flip_test: bool = True) -> dict:
-        lx, ly, _ = simcc_logits(self.model, normalize(batch["image"]), self.flip_index, flip_test,
-                                 self.codec.split_ratio)
-        coords, scores = self.codec.decode(lx, ly)
-        return {"coords": coords, "scores": scores}
 
 
 
@@ -95,10 +96,9 @@ class TSDStage1Task(SimCCTask):
     """TSD stage 1, Eq. (5): L_KL + gamma(t) alpha L_fea + gamma(t) beta L_pos."""
     frozen = ("teacher",)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, codec: SimCCCodec,
-                 flip_index: list[int], cfg: TSDStage1Config, edges: torch.Tensor,
-                 edge_weights: torch.Tensor):
-        super().__init__(student, codec, flip_index)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: TSDStage1Config,
+                 edges: torch.Tensor, edge_weights: torch.Tensor):
+        super().__init__(student)
         self.cfg = cfg
         self.teacher = freeze(teacher) if teacher is not None else None
         needs_teacher = cfg.feature or cfg.pose or cfg.structure
@@ -139,57 +139,58 @@ class TSDStage1Task(SimCCTask):
 
 
 
-def cached_feats(batch: dict) -> list[torch.Tensor]:
-    """The student maps (coarse -> fine) of a batch read from the frozen-output cache."""
-    return [batch[f"feat{i}"] for i in range(3)]
-
-
 class TSDStage2Task(_Task):
     """TSD stage 2, Eqs. (6)-(7): the IGP-GCN learns on the frozen student.
 
     Supervision: the teacher's pose (``mode='teacher'``) or the ground truth (``'gt'``, Table IV
     row s1). Only GT-labelled joints count (the mask M of Eq. (6)). The student sees ``view``
     (``image``, or ``image_low`` for a low-resolution CDKD student); the teacher always sees
-    ``image`` and decodes with ``teacher_codec``. Both poses are compared in crop-normalised
-    [0, 1] units, which the two views share (the same warp).
+    ``image`` (of ``image_size`` (H, W)) and decodes with its own codec. Both poses are compared
+    in crop-normalised [0, 1] units, which the two views share (the same warp).
+
+    A batch from the frozen-output cache (kdray.data.frozen_cache) carries the student's
+    outputs under ``RefinedPoseModel.frozen_keys`` (the model accepts them instead of images)
+    and ``teacher_xy`` (:meth:`teacher_pose` precomputed).
     """
     frozen = ("teacher",)
 
     def __init__(self, student: nn.Module, gcn: IGPGCN, teacher: nn.Module | None,
-                 codec: SimCCCodec, flip_index: list[int], cfg: TSDStage2Config,
-                 view: str = "image", teacher_codec: SimCCCodec | None = None):
+                 cfg: TSDStage2Config, view: str = "image",
+                 image_size: tuple[int, int] | None = None):
         super().__init__()
-        self.model = RefinedPoseModel(freeze(student), gcn, codec, flip_index)
-        self.codec, self.cfg, self.view = codec, cfg, view
-        self.teacher_codec = teacher_codec or codec
+        self.model = RefinedPoseModel(freeze(student), gcn)
+        self.cfg, self.view = cfg, view
         self.teacher = freeze(teacher) if teacher is not None else None
         if cfg.mode == "teacher" and teacher is None:
             raise ValueError("stage 2 in mode 'teacher' needs a teacher")
-        h, w = self.teacher_codec.input_size
-        self.register_buffer("teacher_wh", torch.tensor([float(w), float(h)]), persistent=False)
+        h, w = image_size or student.input_size
+        self.register_buffer("image_wh", torch.tensor([float(w), float(h)]), persistent=False)
 
     @torch.no_grad()
     def teacher_pose(self, images: torch.Tensor) -> torch.Tensor:
         """The target of Eq. (6) in mode 'teacher': the teacher's decoded pose (B, K, 2) in
-        [0, 1] (``images``: the normalised high-resolution view). The frozen-output cache
-        stores exactly this."""
-        t = self.teacher(images)
-        coords, _ = self.teacher_codec.decode(t["logits_x"].float(), t["logits_y"].float())
-        return coords / self.teacher_wh
+        [0, 1] (``images``: the normalised high-resolution view, no flip test). The
+        frozen-output cache stores exactly this."""
+        coords, _ = self.teacher.predict(images, flip_test=False)
+        return coords / self.image_wh
 
     def _target(self, batch: dict) -> torch.Tensor:
         if self.cfg.mode == "gt":
-            return batch["keypoints"] / self.teacher_wh
+            return batch["keypoints"] / self.image_wh
+        if "teacher_xy" in batch:
+            return batch["teacher_xy"]
         return self.teacher_pose(normalize(batch["image"]))
 
+    def _inputs(self, batch: dict) -> dict:
+        """The model's inputs: the cached frozen-student outputs, else the student's view."""
+        keys = self.model.frozen_keys
+        if keys[0] in batch:
+            return {"frozen": {k: batch[k] for k in keys}}
+        return {"images": normalize(batch[self.view])}
+
     def forward(self, batch: dict, progress) -> dict:
-        if "p_init" in batch:  # the frozen networks' outputs, read from kdray.data.frozen_cache
-            poses = self.model.refine_from(batch["p_init"], cached_feats(batch))["poses"]
-            target = (batch["teacher_xy"] if self.cfg.mode == "teacher"
-                      else batch["keypoints"] / self.teacher_wh)
-        else:
-            poses = self.model.refine(normalize(batch[self.view]), flip_test=False)["poses"]
-            target = self._target(batch)
+        poses = self.model.refine(**self._inputs(batch), flip_test=False)["poses"]
+        target = self._target(batch)
         mask = batch["target_weight"] > 0
         blocks = [tsd.gcn_block_loss(p, target, mask) for p in poses]
         loss = tsd.stage2_loss(blocks, (self.cfg.delta, self.cfg.lam, self.cfg.xi))
@@ -197,10 +198,8 @@ class TSDStage2Task(_Task):
 
     @torch.no_grad()
     def predict(self, batch: dict, flip_test: bool = True) -> dict:
-        out = (self.model.refine_from(batch["p_init"], cached_feats(batch)) if "p_init" in batch
-               else self.model.refine(normalize(batch[self.view]), flip_test=flip_test))
-        return {"coords": out["poses"][-1] * self.model.wh,
-                "scores": out["scores"], "coords_init": out["coords_init"]}
+        coords, scores = self.model.predict(**self._inputs(batch), flip_test=flip_test)
+        return {"coords": coords, "scores": scores}
 
 
 
@@ -212,17 +211,16 @@ class CDKDTask(_Task):
     through gradient reversal.
     """
     frozen = ("teacher",)
+    view = "image_low"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, codec_low: SimCCCodec,
-                 flip_index: list[int], cfg: CDKDConfig,
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: CDKDConfig,
                  teacher_feat_hw: tuple[int, int] | None):
         super().__init__()
         if teacher is None and (cfg.feature_loss or cfg.logit_loss):
             raise ValueError("CDKD with distillation terms needs a teacher")
         # No teacher: the low-resolution student trained alone (the CDKD tables' baseline).
         self.teacher = freeze(teacher) if teacher is not None else None
-        self.model, self.codec, self.cfg = student, codec_low, cfg
-        self.flip_index = flip_index
+        self.model, self.cfg = student, cfg
         self.sape = (SAPE(student.feat_channels[-1], teacher.feat_channels[-1], teacher_feat_hw,
                           num_projectors=cfg.projectors,
                           kernel_mix=parse_kernel_mix(cfg.sau_kernels), use_sau=cfg.sau)
@@ -273,11 +271,4 @@ class CDKDTask(_Task):
         if self.beta is not None:
             out["beta"] = float(self.beta.value.detach())
         return out
-
-    @torch.no_grad()
-    def predict(self, batch: dict, flip_test: bool = True) -> dict:
-        lx, ly, _ = simcc_logits(self.model, normalize(batch["image_low"]), self.flip_index,
-                                 flip_test, self.codec.split_ratio)
-        coords, scores = self.codec.decode(lx, ly)
-        return {"coords": coords, "scores": scores}
 

@@ -49,13 +49,28 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from kdray.config import load_config
     from kdray.data.keypoints import spec_for
     from kdray.inference import pose_model_meta
-    from kdray.nn.pose_model import build_pose_model
     from kdray.stages import TEACHER
     cfg = load_config(None, ["data.input_size=[96, 64]", "teacher.model.head_init_scale=1.0",
                              "teacher.model.backbone=mobilenetv3_small_100"])
     torch.manual_seed(0)
-    model = build_pose_model(cfg.teacher.model, 17, (96, 64), cfg.data.split_ratio)
+    model = TEACHER.pose_model(cfg, spec_for("coco"))
     path = tmp_path_factory.mktemp("tiny_ckpt") / "last.pt"
     torch.save({"model": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "meta": pose_model_meta(TEACHER, cfg, spec_for("coco"))}, path)
     return path
+
+
+def assert_poses_drawn(image, out, printed: dict) -> None:
+    """The PNG is the input image with every printed joint drawn: same size, and pixels changed
+    within 8 px of each joint that lies inside the image (a filled dot or a ring, radius <= 5)."""
+    import cv2
+    before, after = cv2.imread(str(image)), cv2.imread(str(out))
+    assert after.shape == before.shape
+    changed = (after != before).any(axis=-1)
+    h, w = changed.shape
+    joints = [(x, y) for person in printed["keypoints"] for x, y, _ in person
+              if 0 <= x < w and 0 <= y < h]
+    assert printed["persons"] == len(printed["keypoints"]) >= 1 and joints
+    for x, y in joints:
+        x, y = int(round(x)), int(round(y))
+        assert changed[max(0, y - 8):y + 9, max(0, x - 8):x + 9].any(), (x, y)

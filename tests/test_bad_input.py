@@ -84,11 +84,10 @@ def checkpoint(tmp_path_factory):
     from kdray.config import load_config
     from kdray.data.keypoints import spec_for
     from kdray.inference import pose_model_meta
-    from kdray.nn.pose_model import build_pose_model
     from kdray.stages import TEACHER
     cfg = load_config(None, ["data.input_size=[64, 64]",
                              "teacher.model.backbone=mobilenetv3_small_100"])
-    model = build_pose_model(cfg.teacher.model, 17, (64, 64), cfg.data.split_ratio)
+    model = TEACHER.pose_model(cfg, spec_for("coco"))
     path = tmp_path_factory.mktemp("ckpt") / "last.pt"
     torch.save({"model": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "meta": pose_model_meta(TEACHER, cfg, spec_for("coco"))}, path)

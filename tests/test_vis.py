@@ -63,3 +63,8 @@ def test_preview_sheet_png(tmp_path):
                         tmp_path / "p" / "sheet.png", n=5, crop_hw=(128, 96), ncols=3)
     sheet = cv2.imread(str(out))
     assert out.suffix == ".png" and sheet.shape == (2 * 130 + 2, 3 * 98 + 2, 3)
+    cells = [sheet[2 + r * 130:(r + 1) * 130, 2 + c * 98:(c + 1) * 98]
+             for r in range(2) for c in range(3)]
+    assert (cells[5] == 40).all()                             # 5 crops: the sixth cell is empty
+    for cell in cells[:5]:                                    # each crop carries its skeleton
+        assert any((cell == colour).all(axis=-1).any() for colour in (LEFT, RIGHT))

@@ -7,9 +7,11 @@ otherwise run both networks on every image of every epoch of every trial. Here t
 per (dataset, stage-1 student, teacher, augmentation schedule) and every GCN trial reads:
 
     <dir>/train-e001.parquet ...   one shard per training epoch, rows in dataset-index order:
-                                   index, item_seed, p_init (K*3), feat0..feat2 (C*h*w each,
-                                   coarse -> fine), keypoints (K*2 crop px), target_weight (K),
-                                   teacher_xy (K*2 normalised; when a teacher is given)
+                                   index, item_seed, the student's outputs as
+                                   RefinedPoseModel.frozen_inputs returns them (p_init (K*3),
+                                   feat0..feat2 (C*h*w each, coarse -> fine)), keypoints (K*2
+                                   crop px), target_weight (K), teacher_xy (K*2 normalised;
+                                   TSDStage2Task.teacher_pose, when a teacher is given)
     <dir>/val.parquet              the un-augmented val crops (p_init with the flip test when
                                    ``flip_test``), plus center/scale for the back-transform
     <dir>/meta.json                shapes and what the cache was built from
@@ -19,7 +21,9 @@ loader's :class:`SeededSampler` draws every item's seed from ``default_rng([seed
 the dataset draws that item's crop from its seed alone. The cache replays the same sampler for
 epoch e, so shard e holds exactly the crops a recomputing trial would see at epoch e; at train
 time the same sampler yields (index, seed) again and :class:`FrozenOutputs` checks the seed it
-stored. More epochs than cached are added on demand (:func:`ensure_cache`).
+stored. More epochs than cached are added on demand (:func:`ensure_cache`). A batch of rows is
+what the stage-2 task feeds its model (``RefinedPoseModel.refine(frozen=...)``) instead of images:
+there is no second copy of the student's decoding or of the stage-2 target here.
 """
 from __future__ import annotations
 
@@ -33,9 +37,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdray.data.dataset import PoseDataset, SeededSampler, make_loader, normalize
-
-FEATS = ("feat0", "feat1", "feat2")
-
 
 def epoch_shard(cache_dir: Path, epoch: int) -> Path:
     return Path(cache_dir) / f"train-e{epoch:03d}.parquet"
@@ -81,11 +82,10 @@ def _outputs(task, teacher, ds, keys, flip_test, batch_size, num_workers) -> dic
     cols: dict[str, list] = {}
     for batch in loader:
         images = normalize(batch["image"])
-        frozen = model.frozen_inputs(images, flip_test=flip_test)
-        out = {"p_init": frozen["p_init"], "keypoints": batch["keypoints"],
-               "target_weight": batch["target_weight"], "center": batch["center"],
-               "scale": batch["scale"], "index": batch["index"]}
-        out.update({name: f for name, f in zip(FEATS, frozen["feats"])})
+        view = images if task.view == "image" else normalize(batch[task.view])
+        out = {**model.frozen_inputs(view, flip_test=flip_test),
+               "keypoints": batch["keypoints"], "target_weight": batch["target_weight"],
+               "center": batch["center"], "scale": batch["scale"], "index": batch["index"]}
         if teacher is not None:  # the target of stage 2 in mode 'teacher'
             out["teacher_xy"] = task.teacher_pose(images)
         for k, v in out.items():

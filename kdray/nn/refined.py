@@ -2,28 +2,15 @@
 
 TSD Sec. III-B: the frozen student's SimCC pose P_init (K x 3: x, y normalised to [0, 1] and
 confidence) and its feature maps (1/16, 1/8, 1/4 of the input) feed the IGP-GCN, whose last
-block gives the refined pose P_3.
+block gives the refined pose P_3. The student's part, :meth:`RefinedPoseModel.frozen_inputs`,
+is a pure function of the image while the student is frozen, so it can be precomputed
+(kdray/data/frozen_cache.py stores it) and handed back to :meth:`RefinedPoseModel.predict` /
+:meth:`RefinedPoseModel.refine` as ``frozen=``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from kdray.codecs.simcc import SimCCCodec, flip_logits
-
-
-def simcc_logits(model: nn.Module, images: torch.Tensor, flip_index: list[int],
-                 flip_test: bool, split_ratio: float = 2.0
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Logits of ``model`` (B, K, Wx), (B, K, Hy), averaged with the mirrored image's."""
-    out = model(images)
-    lx, ly = out["logits_x"].float(), out["logits_y"].float()
-    if flip_test:
-        f = model(images.flip(-1))
-        fx, fy = flip_logits(f["logits_x"].float(), f["logits_y"].float(), flip_index,
-                             split_ratio=split_ratio)
-        lx, ly = (lx + fx) / 2, (ly + fy) / 2
-    return lx, ly, out
 
 
 def gcn_feature_indices(strides: list[int]) -> list[int]:
@@ -37,12 +24,20 @@ def gcn_feature_channels(student: nn.Module) -> tuple[int, ...]:
 
 
 class RefinedPoseModel(nn.Module):
-    def __init__(self, student: nn.Module, gcn: nn.Module, codec: SimCCCodec,
-                 flip_index: list[int]):
+    """A frozen :class:`~kdray.nn.pose_model.PoseModel` (decoding with its codec) + IGP-GCN;
+    the same ``predict(images, flip_test) -> (coords, scores)`` as the pose model.
+
+    The frozen student's outputs are a flat dict of tensors under :attr:`frozen_keys`, so a
+    batch can carry them like any other column (kdray/data/frozen_cache.py stores one column
+    per key).
+    """
+    frozen_keys = ("p_init", "feat0", "feat1", "feat2")   # feat0..2: the maps, coarse -> fine
+
+    def __init__(self, student: nn.Module, gcn: nn.Module):
         super().__init__()
-        self.student, self.gcn, self.codec, self.flip_index = student, gcn, codec, flip_index
+        self.student, self.gcn = student, gcn
         self.feat_index = gcn_feature_indices(student.feat_strides)
-        h, w = codec.input_size
+        h, w = student.input_size
         self.register_buffer("wh", torch.tensor([float(w), float(h)]), persistent=False)
 
     def train(self, mode: bool = True):
@@ -52,22 +47,32 @@ class RefinedPoseModel(nn.Module):
 
     @torch.no_grad()  # the student is frozen in stage 2
     def frozen_inputs(self, images: torch.Tensor, flip_test: bool = True) -> dict:
-        """The GCN's inputs from the frozen student: p_init (B, K, 3) and its three maps
-        (coarse -> fine). kdray/data/frozen_cache.py stores exactly these per epoch."""
-        lx, ly, out = simcc_logits(self.student, images, self.flip_index, flip_test,
-                                   self.codec.split_ratio)
-        coords, scores = self.codec.decode(lx, ly)
+        """The GCN's inputs from the frozen student, keyed by :attr:`frozen_keys`: ``p_init``
+        (B, K, 3) = its decoded pose / (W, H) and score, ``feat0..2`` its three maps (coarse ->
+        fine) in fp32. The frozen-output cache stores exactly these."""
+        lx, ly, out = self.student.logits(images, flip_test)
+        coords, scores = self.student.codec.decode(lx, ly)
         p_init = torch.cat([coords / self.wh, scores.unsqueeze(-1)], dim=-1)
-        return {"p_init": p_init, "feats": [out["feats"][i].float() for i in self.feat_index]}
+        maps = [out["feats"][i].float() for i in self.feat_index]
+        return dict(zip(self.frozen_keys, [p_init, *maps]))
 
-    def refine(self, images: torch.Tensor, flip_test: bool = True) -> dict:
-        """images (B, 3, H, W) normalised -> poses [P1, P2, P3] (B, K, 2) in [0, 1], scores."""
-        return self.refine_from(**self.frozen_inputs(images, flip_test))
+    def refine(self, images: torch.Tensor | None = None, flip_test: bool = True,
+               frozen: dict | None = None) -> dict:
+        """images (B, 3, H, W) normalised, or ``frozen`` (what :meth:`frozen_inputs` returned,
+        e.g. read from the cache; then no images are needed) -> poses [P1, P2, P3] (B, K, 2) in
+        [0, 1] and the student's scores (B, K)."""
+        if frozen is None:
+            frozen = self.frozen_inputs(images, flip_test)
+        p_init, *maps = (frozen[k] for k in self.frozen_keys)
+        return {"poses": self.gcn(p_init, maps), "scores": p_init[..., 2]}
 
-    def refine_from(self, p_init: torch.Tensor, feats: list[torch.Tensor]) -> dict:
-        """The GCN on given frozen-student outputs (computed now or read from a cache)."""
-        poses = self.gcn(p_init, feats)
-        return {"poses": poses, "scores": p_init[..., 2], "coords_init": p_init[..., :2] * self.wh}
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor | None = None, flip_test: bool = True,
+                frozen: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> coords (B, K, 2) of P_3 in crop pixels and scores (B, K); inputs as in
+        :meth:`refine` (the flip test applies to the student's pose)."""
+        out = self.refine(images, flip_test, frozen)
+        return out["poses"][-1] * self.wh, out["scores"]
 
     def forward(self, images: torch.Tensor) -> dict:
         out = self.refine(images, flip_test=False)

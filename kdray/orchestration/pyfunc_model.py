@@ -38,10 +38,7 @@ WEIGHTS = "weights"   # the artifact key that registry._log_pose_model uses
 def keypoints_from_crops(module: torch.nn.Module, meta: dict, crops: np.ndarray,
                          flip_test: bool = True) -> np.ndarray:
     """uint8 (N, H, W, 3) RGB crops -> (N, K, 3) float32 (x, y in crop pixels, score)."""
-    from kdray.codecs.simcc import SimCCCodec
     from kdray.data.dataset import normalize
-    from kdray.data.keypoints import spec_for
-    from kdray.nn.refined import RefinedPoseModel, simcc_logits
 
     crops = np.asarray(crops)
     size = tuple(meta["input_size"])
@@ -49,15 +46,7 @@ def keypoints_from_crops(module: torch.nn.Module, meta: dict, crops: np.ndarray,
         raise ValueError(f"expected crops of shape (N, {size[0]}, {size[1]}, 3), "
                          f"got {crops.shape}")
     images = normalize(torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2))
-    with torch.no_grad():
-        if isinstance(module, RefinedPoseModel):
-            out = module.refine(images, flip_test=flip_test)
-            coords, scores = out["poses"][-1] * module.wh, out["scores"]
-        else:
-            codec = SimCCCodec(size, meta["split_ratio"], meta["sigma"])
-            lx, ly, _ = simcc_logits(module, images, spec_for(meta["dataset"]).flip_index(),
-                                     flip_test, codec.split_ratio)
-            coords, scores = codec.decode(lx, ly)
+    coords, scores = module.predict(images, flip_test)   # either kind, its own codec
     return torch.cat([coords.float(), scores.float().unsqueeze(-1)], -1).numpy()
 
 

@@ -9,6 +9,8 @@ import torch
 
 from kdray.config import load_config
 from kdray.data.frozen_cache import FrozenOutputs, epoch_shard, read_shard
+from kdray.inference import model_from_checkpoint
+from kdray.nn.refined import gcn_feature_indices
 from kdray.stage_run import build_frozen_cache, ensure_data, run_stage
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
@@ -41,12 +43,20 @@ def _build_frozen(tmp):
 
 
 def test_shards_hold_every_epoch_in_index_order(frozen):
-    cfg, _, cache, _ = frozen
+    cfg, inputs, cache, _ = frozen
+    student, _ = model_from_checkpoint(inputs["student"])
+    h, w = cfg.data.input_size
+    maps = [(32, student.feat_channels[i], h // student.feat_strides[i],
+             w // student.feat_strides[i]) for i in gcn_feature_indices(student.feat_strides)]
     for epoch in (1, 2):
         rows = read_shard(epoch_shard(cache, epoch))
         assert rows["index"].tolist() == list(range(32))
         assert rows["p_init"].shape == (32, 17, 3) and rows["teacher_xy"].shape == (32, 17, 2)
-        assert [rows[f"feat{i}"].dim() for i in range(3)] == [4, 4, 4]
+        # crop-normalised poses (argmax bin / bins in [0, 1)) and softmax maxima in (0, 1]
+        for xy in (rows["p_init"][..., :2], rows["teacher_xy"]):
+            assert bool(((xy >= 0) & (xy < 1)).all())
+        assert bool(((rows["p_init"][..., 2] > 0) & (rows["p_init"][..., 2] <= 1)).all())
+        assert [tuple(rows[f"feat{i}"].shape) for i in range(3)] == maps  # coarse -> fine
     # a different epoch is a different augmentation of the same persons
     e1, e2 = read_shard(epoch_shard(cache, 1)), read_shard(epoch_shard(cache, 2))
     assert not torch.equal(e1["keypoints"], e2["keypoints"])

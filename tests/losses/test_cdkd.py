@@ -119,7 +119,9 @@ def test_gradient_reversal_function():
     torch.testing.assert_close(y, x.detach())
     (y * torch.tensor([2.0, 5.0])).sum().backward()
     torch.testing.assert_close(x.grad, torch.tensor([-0.6, -1.5]))
-    assert GradientReversal.apply is not None
+    x.grad = None       # the Function itself, another xi: upstream 1 -> -xi
+    GradientReversal.apply(x, 2.0).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([-2.0, -2.0]))
 
 
 def _fixed_pair():
@@ -153,7 +155,15 @@ def test_learnable_temperature_range_and_init():
 def test_etht_reverses_and_scales_by_xi():
     lt = LearnableTemperature(init=4.0)
     plain = _theta_grad(lt, None)
-    assert plain.abs().item() > 0
+    # plain = dL/dtau * dtau/dtheta, dtau/dtheta = 9 sigmoid (1 - sigmoid) = 9 (1/3)(2/3) = 2 at
+    # tau = 4; dL/dtau by a float64 central difference (h = 1e-4: truncation ~ h^2, tiny)
+    def loss(tau):
+        return cca_logit_loss(*(z.double() for z in _fixed_pair()), tau=tau, weight=None,
+                              scale=1.0).item()
+    fd = (loss(4.0 + 1e-4) - loss(4.0 - 1e-4)) / 2e-4
+    # fp32 autograd: the gradient (~0.01) is ~1% of the loss' terms, so fp32's 1e-7 of those is
+    # ~1e-5 of it (measured 1.2e-5)
+    assert plain.item() == pytest.approx(2.0 * fd, rel=1e-4)
     for strength in (0.25, 1.0):   # exactly -strength times the plain gradient on theta
         torch.testing.assert_close(_theta_grad(lt, strength), -strength * plain)
     assert _theta_grad(lt, 0.0).item() == 0.0

@@ -48,7 +48,10 @@ def test_feature_mse_resizes_student_to_teacher():
     loss = feature_mse(T([[[[3.0]]]]), T([[[[3.0, 4.0], [5.0, 3.0]]]]), adapter)
     assert loss.item() == pytest.approx(1.25, **FP32)
     loss.backward()
-    assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
+    # the 1x1 output a = 3w + b is spread over the 4 pixels: dL/da = 2 sum(a - t) / 4 = -1.5
+    # (errors 0, -1, -2, 0), so dL/dw = 3 * -1.5 = -4.5 and dL/db = -1.5
+    assert adapter.weight.grad.item() == pytest.approx(-4.5, **FP32)
+    assert adapter.bias.grad.item() == pytest.approx(-1.5, **FP32)
 
 
 def test_feature_mse_channel_mismatch_raises():

@@ -13,6 +13,8 @@ import torch
 
 from kdray.config import ConfigError, ModelConfig
 from kdray.nn.backbones import build_backbone
+from kdray.codecs.simcc import SimCCCodec
+from kdray.data.keypoints import COCO
 from kdray.nn.pose_model import build_pose_model
 from kdray.nn.pretrained import HF_FILE, backbone_weights, pretrained_file
 
@@ -30,8 +32,8 @@ def test_weights_file_loads_the_backbone_and_skips_the_classifier(suffix, tmp_pa
     sd = _classifier("hrnet_w18_small")
     path = tmp_path / f"hrnet_w18_small{suffix}"
     save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
-    model = build_pose_model(ModelConfig(backbone="hrnet_w18_small", weights=str(path)), 17,
-                             (64, 64), 2.0)
+    model = build_pose_model(ModelConfig(backbone="hrnet_w18_small", weights=str(path)),
+                             SimCCCodec((64, 64), 2.0), COCO.flip_index())
     own = model.backbone.state_dict()
     # values, not shapes: a stem conv and a deep fusion-layer BN statistic came from the file
     for key in ("conv1.weight", "stage4.0.fuse_layers.0.1.1.running_var"):
@@ -52,7 +54,8 @@ def test_mobilenet_getter_and_kdray_checkpoint(tmp_path):
     torch.testing.assert_close(net.model.conv_stem.weight, sd["conv_stem.weight"], rtol=0, atol=0)
     assert "blocks.4.0.conv_pw.weight" not in net.model.state_dict()
     # a kdray PoseModel state dict ("backbone.model...." + "head.*") also fits; the head is skipped
-    pm = build_pose_model(ModelConfig(backbone="mobilenetv3_small_100"), 17, (96, 64), 2.0)
+    pm = build_pose_model(ModelConfig(backbone="mobilenetv3_small_100"),
+                          SimCCCodec((96, 64), 2.0), COCO.flip_index())
     torch.save(pm.state_dict(), tmp_path / "pose.pth")
     _, info = build_backbone("mobilenetv3_small_100", str(tmp_path / "pose.pth"))
     n_head = sum(1 for k in pm.state_dict() if k.startswith("head."))
@@ -98,8 +101,8 @@ def test_pretrained_reads_the_hugging_face_cache_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     assert pretrained_file("mobilenetv3_small_100") == snap / HF_FILE
-    model = build_pose_model(ModelConfig(backbone="mobilenetv3_small_100", pretrained=True), 17,
-                             (96, 64), 2.0)
+    model = build_pose_model(ModelConfig(backbone="mobilenetv3_small_100", pretrained=True),
+                             SimCCCodec((96, 64), 2.0), COCO.flip_index())
     torch.testing.assert_close(model.backbone.model.conv_stem.weight, sd["conv_stem.weight"],
                                rtol=0, atol=0)
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from kdray.orchestration import ray_train
-from kdray.orchestration.ablation import load_table, plan, row_config
+from kdray.orchestration.ablation import load_table, plan
 from kdray.config import load_config
 
 from .conftest import FAST, REPO, SMOKE

@@ -19,8 +19,9 @@ import pytest
 
 from kdray.config import load_config, with_overrides
 from kdray.orchestration import pipeline, ray_train
-from kdray.stages import TEACHER, TSD_STUDENT
+from kdray.stages import TEACHER, TSD_REFINED, TSD_STUDENT
 
+from ..conftest import assert_poses_drawn
 from .conftest import FAST, REPO, SMOKE, fault_env, load_script, run_then_kill
 
 SCRIPT = REPO / "pipelines" / "two_stage.py"
@@ -114,7 +115,8 @@ def test_mlflow_holds_parent_child_runs_metrics_artifacts_and_models(scenario):
     assert by_label["teacher"].data.tags["kdray.reused"] == "true"
     stage1 = by_label["stage1"]
     assert stage1.info.status == "FINISHED"
-    assert stage1.data.params["tsd.stage1.alpha"]
+    smoke = load_config(SMOKE, scenario["argv"][4:])     # the config the scenario ran
+    assert float(stage1.data.params["tsd.stage1.alpha"]) == smoke.tsd.stage1.alpha
     steps = {m.step for m in client.get_metric_history(stage1.info.run_id, "train/loss_fea")}
     assert steps == {1, 2}                                 # per epoch, step = epoch
     for key in ("train/loss", "train/lr", "train/throughput", "val/AP"):
@@ -131,17 +133,26 @@ def test_mlflow_holds_parent_child_runs_metrics_artifacts_and_models(scenario):
     names = {a.path for a in client.list_artifacts(stage1.info.run_id)}
     assert {"config.yaml", "loss_curve.png", "poses.png", "metrics.json"} <= names
     # Registered, with aliases, and loadable as a pyfunc that takes crops.
-    for name in ("kdray-teacher", "kdray-tsd-student", "kdray-tsd-refined"):
+    for kind in (TEACHER, TSD_STUDENT, TSD_REFINED):
+        name = kind.model_name
         mv = client.get_model_version_by_alias(name, "champion")
         assert client.get_model_version_by_alias(name, "candidate").version == mv.version
         assert mv.tags["stage_key"] and mv.tags["val_set"] and mv.tags["metric"] == "val_AP"
         assert mv.tags["stage_key"] in mv.description and "synthpose" in mv.description
-        assert client.get_registered_model(name).description
+        assert client.get_registered_model(name).description == kind.description
     import mlflow
     import numpy as np
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/kdray-tsd-refined@champion")
-    assert model.predict(np.zeros((2, 64, 64, 3), np.uint8)).shape == (2, 17, 3)
+    crops = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    got = model.predict(crops)
+    # the registered weights, loaded the way `kdray predict models:/...` loads them
+    from kdray.orchestration import tracking
+    from kdray.orchestration.pyfunc_model import keypoints_from_crops
+    module, meta = tracking.load_registered("models:/kdray-tsd-refined@champion", uri)
+    np.testing.assert_array_equal(got, keypoints_from_crops(module, meta, crops))
+    assert got.shape == (2, 17, 3) and (got[..., :2] >= 0).all() and (got[..., :2] < 64).all()
+    assert ((got[..., 2] > 0) & (got[..., 2] <= 1)).all()      # x, y in the crop; a probability
 
 
 def test_predict_and_registry_cli_from_models_uri(scenario, real_data, tmp_path, monkeypatch,
@@ -152,8 +163,7 @@ def test_predict_and_registry_cli_from_models_uri(scenario, real_data, tmp_path,
     image = real_data / "coco" / "000000000785.jpg"
     assert cli.main(["predict", "--model", "models:/kdray-tsd-refined@champion", str(image),
                      "--out", str(out)]) == 0
-    assert out.stat().st_size > 1000
-    capsys.readouterr()
+    assert_poses_drawn(image, out, json.loads(capsys.readouterr().out))
     assert cli.main(["registry", "list"]) == 0
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert set(listed) == {"kdray-teacher", "kdray-tsd-student", "kdray-tsd-refined"}

@@ -175,7 +175,13 @@ def test_sweep_writes_best_config_summary_and_mlflow_runs(resumed):
     best = load_config(summary["outputs"]["best_config"])     # a valid, complete config
     assert 1 <= best.cdkd.projectors <= 5
     m = summary["metrics"]
-    assert m["trials"] == 4.0 and m["sweep_seconds"] > 0 and m["trial_train_seconds"] > 0
+    # training time summed over the trials (result.json: all attempts, the killed run's too);
+    # each figure is rounded to 0.1 s and the ratio to 3 decimals
+    trained = sum(json.loads((out / "trials" / t / "result.json").read_text())["train_seconds"]
+                  for t in summary["outputs"]["trial_attempts"])
+    assert m["trials"] == 4.0 and m["trial_train_seconds"] == pytest.approx(trained, abs=0.051)
+    assert m["overhead_ratio"] == pytest.approx(m["sweep_seconds"] / m["trial_train_seconds"],
+                                                rel=0.02, abs=0.002)
     client = MlflowClient(summary["outputs"]["mlflow_uri"])
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"

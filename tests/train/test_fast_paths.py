@@ -1,7 +1,9 @@
 """Fast-path resolution (issue 9): auto choices per device, torch.compile keeps checkpoint keys."""
 import torch
 
+from kdray.codecs.simcc import SimCCCodec
 from kdray.config import ModelConfig, TrainConfig
+from kdray.data.keypoints import COCO
 from kdray.nn.pose_model import build_pose_model
 from kdray.train import compile_pose_models, fast_paths
 
@@ -17,7 +19,8 @@ def test_auto_choices_per_device():
 
 
 def test_compile_in_place_keeps_state_dict_keys():
-    model = build_pose_model(ModelConfig(backbone="mobilenetv3_small_100"), 17, (64, 64), 2.0)
+    model = build_pose_model(ModelConfig(backbone="mobilenetv3_small_100"),
+                             SimCCCodec((64, 64), 2.0), COCO.flip_index())
     holder = torch.nn.Module()
     holder.model = model
     keys = list(holder.state_dict())

@@ -1,6 +1,7 @@
 """The plain fit loop: what trains, what resumes, what fails loudly."""
 import json
 
+import cv2
 import pytest
 import torch
 
@@ -50,7 +51,9 @@ def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert full.history[-1]["loss"] == resumed.history[-1]["loss"]
-    assert (tmp_path / "cut" / "loss_curve.png").stat().st_size > 0
+    curve = cv2.imread(str(tmp_path / "cut" / "loss_curve.png"))   # the whole history, redrawn
+    assert curve.shape == (315, 900, 3)             # figsize (10, 3.5) inches at 90 dpi
+    assert (curve == (180, 119, 31)).all(axis=-1).any()   # a line in matplotlib's C0 (BGR)
     saved = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert [h["epoch"] for h in saved["history"]] == [1, 2]
 
@@ -73,16 +76,16 @@ def test_corrupt_and_truncated_checkpoints_fail_clearly(tmp_path):
 def test_flip_test_is_consistent_on_a_symmetric_input(tiny_cfg):
     """A mirror-symmetric image: flip-averaged logits equal their own mirror (up to the
     left/right swap), so the decoded pose is mirror-symmetric."""
-    from kdray.codecs.simcc import flip_logits
+    from kdray.codecs.simcc import SimCCCodec, flip_logits
     from kdray.data.keypoints import COCO
     from kdray.nn.pose_model import build_pose_model
-    from kdray.nn.refined import simcc_logits
     torch.manual_seed(0)
-    model = build_pose_model(tiny_cfg.teacher.model, 17, (64, 64), 2.0).eval()
+    model = build_pose_model(tiny_cfg.teacher.model, SimCCCodec((64, 64), 2.0),
+                             COCO.flip_index()).eval()
     half = torch.randn(1, 3, 64, 32)
     img = torch.cat([half, half.flip(-1)], -1)          # symmetric about the vertical axis
     with torch.no_grad():
-        lx, ly, _ = simcc_logits(model, img, COCO.flip_index(), True, 2.0)
+        lx, ly, _ = model.logits(img, flip_test=True)
         fx, fy = flip_logits(lx, ly, COCO.flip_index(), split_ratio=2.0)
     # interior bins (the last k-1 bins repeat an edge value by construction)
     assert torch.allclose(lx[..., :-1], fx[..., :-1], atol=1e-4)

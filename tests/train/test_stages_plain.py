@@ -1,14 +1,19 @@
 """Teacher -> TSD stage 1 -> stage 2 and teacher -> CDKD, end to end in plain Python (no Ray)."""
 import json
 
+import pytest
 import torch
 
 from kdray.cli import main as kdray
+from kdray.eval.complexity import complexity
 from kdray.inference import model_from_checkpoint
+from kdray.nn.pose_model import build_pose_model
 from kdray.stage_run import build_stage, load_records, run_stage
 
+from ..conftest import assert_poses_drawn
 
-def test_tsd_chain_end_to_end(tiny_cfg, tmp_path, real_data):
+
+def test_tsd_chain_end_to_end(tiny_cfg, tmp_path, real_data, capsys):
     records = load_records(tiny_cfg)
     teacher = run_stage("teacher", tiny_cfg, tmp_path / "teacher", records=records)
     student = run_stage("student", tiny_cfg, tmp_path / "student",
@@ -35,10 +40,11 @@ def test_tsd_chain_end_to_end(tiny_cfg, tmp_path, real_data):
     assert meta["kind"] == "refined"
     image = real_data / "coco" / "000000196141.jpg"
     out = tmp_path / "pose.png"
+    capsys.readouterr()
     assert kdray(["predict", "--model", str(tmp_path / "gcn" / "checkpoints" / "last.pt"),
                   str(image), "--boxes", str(real_data / "coco" / "test_coco_det_AP_H_56.json"),
                   "--out", str(out)]) == 0
-    assert out.stat().st_size > 1000
+    assert_poses_drawn(image, out, json.loads(capsys.readouterr().out))
 
 
 def test_cdkd_end_to_end(tiny_cfg, tmp_path):
@@ -64,7 +70,12 @@ def test_train_cli_writes_outputs_and_dry_run(tiny_cfg, tmp_path, capsys, synth_
     capsys.readouterr()
     assert kdray(["train", "--config", str(cfg_file), "--dry-run"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["params"] > 0 and info["gflops"] > 0
+    # the teacher's network at the teacher's input size: the model the stage would train
+    model = build_pose_model(tiny_cfg.teacher.model, 17, tiny_cfg.data.input_size,
+                             tiny_cfg.data.split_ratio)
+    assert info["stage"] == "teacher" and info["input_size"] == list(tiny_cfg.data.input_size)
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    assert info["gflops"] == pytest.approx(complexity(model, tiny_cfg.data.input_size)["gflops"])
     # a bad override fails before any compute, naming the key
     assert kdray(["train", "--config", str(cfg_file), "teacher.train.epochs=zero"]) == 2
     assert "teacher.train.epochs" in capsys.readouterr().err
