@@ -6,6 +6,9 @@
     kdray eval --gt ANN.json --pred RESULTS.json --metric coco|crowdpose|pckh [--json]
     kdray train --config configs/demo_teacher.yaml --out DIR [--stage teacher] [a.b=c ...]
     kdray predict --model CKPT|models:/NAME@ALIAS IMAGE [--boxes DET.json] --out pose.png
+                  [--score-thr .5 --nms-iou .5] [--json keypoints.json]
+    kdray test --model CKPT|models:/NAME@ALIAS [--config C] [a.b=c ...] --out DIR
+    kdray export --model CKPT|models:/NAME@ALIAS --onnx OUT.onnx
     kdray registry list | kdray registry show NAME@ALIAS
 """
 from __future__ import annotations
@@ -61,8 +64,12 @@ def _train(args) -> int:
                          f"student's stage")
     if args.dry_run:
         from kdray.data.keypoints import spec_for
+        from kdray.config import with_overrides
         model_cfg, size = stage.model(cfg), stage.input_size(cfg)
-        model = stage.pose_model(cfg, spec_for(cfg.data.dataset))
+        # counting needs no ImageNet weights (nor a download)
+        counted = with_overrides(cfg, {f"{stage.model_key}.pretrained": False,
+                                       f"{stage.model_key}.weights": ""})
+        model = stage.pose_model(counted, spec_for(cfg.data.dataset))
         print(json.dumps({"stage": stage.name, "backbone": model_cfg.backbone,
                           "input_size": list(size), **complexity(model, size)}))
         return 0
@@ -73,6 +80,9 @@ def _train(args) -> int:
         raise InputError(f"--stage {stage.name} needs {' and '.join(missing)} (a checkpoint "
                          f"file or folder from an earlier `kdray train`, e.g. "
                          f"runs/{missing[0][2:]}/checkpoints/last.pt)")
+    if not stage.refined:  # ImageNet weights: downloaded, or a clear stop, before any compute
+        from kdray.nn.pretrained import backbone_weights
+        backbone_weights(stage.model(cfg), stage.model_key)
     out = Path(args.out).resolve()
     claim_out_dir(stage, cfg, out, inputs, overwrite=args.overwrite)  # resume or refuse
     progress = ConsoleProgress(stage.name)
@@ -85,53 +95,24 @@ def _train(args) -> int:
 
 
 def _predict(args) -> int:
-    import cv2
-    import numpy as np
-
-    from kdray.data.coco import read_image
-    from kdray.data.keypoints import spec_for
-    from kdray.errors import InputError
-    from kdray.inference import Predictor, model_from_checkpoint
-    from kdray.vis import draw_pose
-
-    if not cv2.haveImageWriter(str(args.out)):  # before any compute: .txt, no extension, a dir
-        raise InputError(f"--out {args.out}: OpenCV has no image writer for this file name; "
-                         f"use an image extension such as .png or .jpg")
-    canvas = read_image(args.image)  # BGR uint8; a clear error naming the file
-    boxes = _boxes_for(args, canvas)  # validated before the model loads
-    if args.model.startswith("models:/"):
-        from kdray.orchestration.registry import load_registered
-        from kdray.orchestration.tracking import existing_store
-        module, meta = load_registered(args.model, existing_store())
-    else:
-        module, meta = model_from_checkpoint(args.model)
-    keypoints = Predictor(module, meta)(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), boxes)
-    spec = spec_for(meta["dataset"])
-    for kp in keypoints:
-        canvas = draw_pose(canvas, kp, spec, score_thr=0.0)  # SimCC scores are small
-    try:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"--out {args.out}: cannot create its folder ({e.strerror})") from None
-    if not cv2.imwrite(str(args.out), canvas):  # False, not an exception, for /proc/x.png
-        raise InputError(f"--out {args.out}: OpenCV could not write the image (is the folder "
-                         f"writable?)")
-    print(json.dumps({"out": str(args.out), "persons": len(keypoints),
-                      "keypoints": np.round(keypoints, 2).tolist()}))
+    from kdray.predict import run_predict
+    print(json.dumps(run_predict(args)))
     return 0
 
 
-def _boxes_for(args, image):
-    """Detector boxes of this image (COCO results file, by file-name id), else the whole image."""
-    import numpy as np
+def _test(args) -> int:
+    from kdray.config import load_config
+    from kdray.evaluate import run_test
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(run_test(args.model, cfg, args.out)))
+    return 0
 
-    from kdray.data.coco import image_boxes
-    h, w = image.shape[:2]
-    if not args.boxes:
-        return np.array([[0, 0, w, h]], np.float32)
-    stem = Path(args.image).stem
-    boxes = image_boxes(args.boxes, int(stem) if stem.isdigit() else None, args.score_thr)
-    return boxes if len(boxes) else np.array([[0, 0, w, h]], np.float32)
+
+def _export(args) -> int:
+    from kdray.evaluate import load_model
+    from kdray.export import export_onnx
+    print(json.dumps(export_onnx(*load_model(args.model), args.onnx)))
+    return 0
 
 
 def _registry(args) -> int:
@@ -221,8 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
                                     "image is one person box")
     pr.add_argument("--score-thr", type=float, default=0.5,
                     help="skip --boxes entries scoring below this (default: %(default)s)")
+    pr.add_argument("--nms-iou", type=float, default=0.5,
+                    help="drop a box overlapping a better one by more than this IoU "
+                         "(default: %(default)s)")
+    pr.add_argument("--json", default=None,
+                    help="also write the keypoints as COCO keypoint results to this file "
+                         "(default: none)")
     pr.add_argument("--out", default="pose.png",
                     help="image with the drawn skeletons (default: %(default)s)")
+
+    te = sub.add_parser("test", help="run a model on the config's val split: results.json "
+                                     "(what kdray eval reads) and metrics.json")
+    te.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS")
+    te.add_argument("--config", default=None,
+                    help="YAML config whose data section gives the val split (default: the "
+                         "built-in defaults, docs/config.md)")
+    te.add_argument("--out", default="runs/test",
+                    help="output dir: results.json, metrics.json (default: %(default)s)")
+    te.add_argument("overrides", nargs="*",
+                    help="dotted.key=value config overrides, e.g. data.root=data/coco")
+
+    ex = sub.add_parser("export", help="the deployable network as ONNX (crops in, decoded "
+                                       "keypoints out; docs in kdray/export.py)")
+    ex.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS")
+    ex.add_argument("--onnx", required=True, help="ONNX file to write, e.g. pose.onnx")
 
     r = sub.add_parser("registry", help="MLflow model registry").add_subparsers(
         dest="reg_cmd", required=True)
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     handler = {"data": _data, "eval": _eval, "train": _train, "predict": _predict,
-               "registry": _registry}[args.cmd]
+               "test": _test, "export": _export, "registry": _registry}[args.cmd]
     from kdray.errors import run_main
     return run_main(handler, args, "kdray")  # a user's mistake: one line on stderr, exit 2
 

@@ -63,9 +63,15 @@ class DataConfig:
                        "on first use")
     train_ann: str = _f("train.json", doc="training annotation file, relative to root")
     val_ann: str = _f("val.json", doc="validation annotation file, relative to root")
-    image_dir: str = _f("images", doc="image folder, relative to root")
+    image_dir: str = _f("images", doc="image folder of both splits, relative to root (used where "
+                                      "train_images / val_images are empty)")
+    train_images: str = _f("", doc="training image folder, relative to root (COCO: train2017); "
+                                   "empty = image_dir")
+    val_images: str = _f("", doc="validation image folder, relative to root (COCO: val2017); "
+                                 "empty = image_dir")
     val_boxes: str = _f("", doc="detector results file (COCO results format, relative to root) "
-                                "for the val persons; empty = ground-truth boxes")
+                                "for the val persons, e.g. CrowdPose's or COCO's person "
+                                "detections; empty = ground-truth boxes")
     det_score_thr: float = _f(0.0, lo=0.0, hi=1.0,
                               doc="detector boxes scoring below this are dropped (val_boxes only)")
     input_size: tuple[int, int] = _f((96, 64), doc="(H, W) of the crop the model sees; HRNet "
@@ -115,9 +121,14 @@ class ModelConfig:
                                 doc="factor on the initial weights of the SimCC head's two "
                                     "Linear classifiers (biases start at 0); 1.0 = PyTorch's "
                                     "default init")
-    weights: str = _f("", doc="optional local backbone weights file (.safetensors or a "
-                              "torch.save state dict, read with weights_only=True); nothing "
-                              "downloads; empty = random init")
+    pretrained: bool = _f(False, doc="start the backbone from timm's ImageNet weights, as the "
+                                     "papers do: downloaded into the Hugging Face cache when "
+                                     "online, read from it offline; an entry point fails before "
+                                     "any compute when neither works (then use weights)")
+    weights: str = _f("", doc="local timm classification checkpoint for the backbone (state "
+                              "dict .pth or .safetensors, e.g. timm's model.safetensors; read "
+                              "with weights_only=True); the classifier is skipped, any other "
+                              "key that does not fit fails; empty = random init (or pretrained)")
     # With per-rank BatchNorm, N workers normalise over batch/N samples each: data parallelism
     # then changes results, not only speed (docs/operations.md, "Several workers").
     freeze_bn: bool = _f(False, doc="keep BatchNorm statistics fixed while training (BN layers "

@@ -66,8 +66,8 @@ def model_from_state(state: dict, source: str = "<state>") -> tuple[nn.Module, d
         spec = spec_for(meta["dataset"])
         size = tuple(meta["input_size"])
         model_cfg = from_dict(meta["model"], f"{source}: meta.model", cls=ModelConfig)
-        # the checkpoint's weights replace the backbone's init: its pretrained file is not needed
-        model_cfg = dataclasses.replace(model_cfg, weights="")
+        # the checkpoint's weights replace the backbone's init: no ImageNet file is needed
+        model_cfg = dataclasses.replace(model_cfg, weights="", pretrained=False)
         if meta["num_joints"] != spec.num_joints:
             raise ValueError(f"num_joints = {meta['num_joints']}, but {spec.name} has "
                              f"{spec.num_joints}")
@@ -106,20 +106,43 @@ class Predictor:
         self.spec = spec_for(meta["dataset"])
 
     @torch.no_grad()
+    def crops(self, images: torch.Tensor, flip_test: bool = True):
+        """uint8 (B, 3, H, W) RGB crops at the input size -> coords (B, K, 2) in crop pixels,
+        scores (B, K)."""
+        return self.module.predict(normalize(images), flip_test)
+
+    @torch.no_grad()
     def __call__(self, image_rgb: np.ndarray, boxes: np.ndarray, flip_test: bool = True):
         """image (H, W, 3) uint8 RGB, boxes (N, 4) xywh -> keypoints (N, K, 3): x, y, score."""
-        import cv2
-        h, w = self.size
-        crops, centers, scales = [], [], []
-        for box in np.asarray(boxes, np.float32).reshape(-1, 4):
-            c, s = box_to_center_scale(box, w / h, self.meta.get("padding", 1.25))
-            m = get_affine(c, s, 0.0, self.size)
-            crops.append(cv2.warpAffine(image_rgb, m, (w, h), flags=cv2.INTER_LINEAR))
-            centers.append(c)
-            scales.append(s)
-        if not crops:
+        crops, frames = crop_persons(image_rgb, boxes, self.meta)
+        if not len(crops):
             return np.zeros((0, self.spec.num_joints, 3), np.float32)
-        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(self.device)
-        coords, scores = self.module.predict(normalize(x), flip_test)
-        img = back_to_image(coords.cpu().numpy(), np.stack(centers), np.stack(scales), self.size)
-        return np.concatenate([img, scores.cpu().numpy()[..., None]], -1).astype(np.float32)
+        x = torch.from_numpy(crops).permute(0, 3, 1, 2).to(self.device)
+        coords, scores = self.crops(x, flip_test)
+        crop_kp = torch.cat([coords.float(), scores.float()[..., None]], -1).cpu().numpy()
+        return crops_to_image(crop_kp, frames, self.meta)
+
+
+def crop_persons(image_rgb: np.ndarray, boxes: np.ndarray, meta: dict
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Whole image (H, W, 3) uint8 + person boxes (N, 4) xywh -> crops (N, h, w, 3) uint8 at the
+    model's input size (what the registered pyfunc model takes) and frames (N, 4): each crop's
+    centre and scale, for :func:`crops_to_image`. The evaluation crop (no rotation)."""
+    import cv2
+    h, w = (int(v) for v in meta["input_size"])
+    crops, frames = [], []
+    for box in np.asarray(boxes, np.float32).reshape(-1, 4):
+        c, s = box_to_center_scale(box, w / h, meta.get("padding", 1.25))
+        crops.append(cv2.warpAffine(np.ascontiguousarray(image_rgb), get_affine(c, s, 0.0, (h, w)),
+                                    (w, h), flags=cv2.INTER_LINEAR))
+        frames.append(np.concatenate([c, s]))
+    if not crops:
+        return np.zeros((0, h, w, 3), np.uint8), np.zeros((0, 4), np.float32)
+    return np.stack(crops), np.stack(frames).astype(np.float32)
+
+
+def crops_to_image(keypoints: np.ndarray, frames: np.ndarray, meta: dict) -> np.ndarray:
+    """(N, K, 3) x, y in crop pixels + score -> the same in image pixels (inverse affine)."""
+    kp = np.asarray(keypoints, np.float32)
+    img = back_to_image(kp[..., :2], frames[:, :2], frames[:, 2:], tuple(meta["input_size"]))
+    return np.concatenate([img, kp[..., 2:3]], -1).astype(np.float32)

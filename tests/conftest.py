@@ -40,6 +40,26 @@ def tiny_cfg(synth_root):
         "teacher.train.batch_size=16", "student.train.batch_size=16"])
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained kdray checkpoint (MobileNetV3-small SimCC, 96x64, COCO-17) whose head starts
+    at PyTorch's init scale, so its logits have clear peaks (inference plumbing tests)."""
+    import torch
+
+    from kdray.config import load_config
+    from kdray.data.keypoints import spec_for
+    from kdray.inference import pose_model_meta
+    from kdray.stages import TEACHER
+    cfg = load_config(None, ["data.input_size=[96, 64]", "teacher.model.head_init_scale=1.0",
+                             "teacher.model.backbone=mobilenetv3_small_100"])
+    torch.manual_seed(0)
+    model = TEACHER.pose_model(cfg, spec_for("coco"))
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "last.pt"
+    torch.save({"model": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "meta": pose_model_meta(TEACHER, cfg, spec_for("coco"))}, path)
+    return path
+
+
 def assert_poses_drawn(image, out, printed: dict) -> None:
     """The PNG is the input image with every printed joint drawn: same size, and pixels changed
     within 8 px of each joint that lies inside the image (a filled dot or a ring, radius <= 5)."""

@@ -110,3 +110,23 @@ def test_renamed_keys_name_their_new_name(tmp_path):
         load_config(None, ["cdkd.xi_schedule=ctkd"])
     cfg = load_config(None, ["cdkd.reversal_max=2.0", "cdkd.reversal_schedule=ctkd"])
     assert (cfg.cdkd.reversal_max, cfg.cdkd.reversal_schedule) == (2.0, "ctkd")
+
+
+PAPER_CONFIGS = ("tsd_coco_w48_to_w32", "tsd_crowdpose_w48_to_w32", "cdkd_coco_32",
+                 "cdkd_mpii_32", "cdkd_mpii_64")
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_start_from_imagenet_on_shipped_layouts(name):
+    """The papers initialise every HRNet from ImageNet; COCO reads train2017/ and val2017/."""
+    from pathlib import Path
+
+    from kdray.nn.pretrained import model_configs
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    paper = {k: m.pretrained for k, m in model_configs(cfg)   # the sections its papers train
+             if m.backbone in ("hrnet_w32", "hrnet_w48")}
+    assert len(paper) == 2 and all(paper.values()), paper
+    if cfg.data.dataset == "coco":
+        assert (cfg.data.train_images, cfg.data.val_images) == ("train2017", "val2017")
+    if cfg.data.dataset == "crowdpose":
+        assert cfg.data.val_boxes == "annotations/det_for_crowd_test_0.1_0.5.json"

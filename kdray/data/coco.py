@@ -234,11 +234,13 @@ def _detections(boxes_file, default_score: float | None = None):
         yield i, where, det, box, _number(raw, boxes_file, where, "score")
 
 
-def image_boxes(boxes_file, image_id: int | None, score_thr: float = 0.0) -> np.ndarray:
+def image_boxes(boxes_file, image_id: int | None, score_thr: float = 0.0
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(N, 4) float32 xywh person boxes of one image from a COCO results file (every image's
-    when ``image_id`` is None): ``kdray predict --boxes``. Every detection is validated first,
-    so a 3-number bbox is an error naming its index, not silently reshaped into other boxes."""
-    boxes = []
+    when ``image_id`` is None) and their (N,) scores: ``kdray predict --boxes``. Every detection
+    is validated first, so a 3-number bbox is an error naming its index, not silently reshaped
+    into other boxes."""
+    boxes, scores = [], []
     for _, where, det, box, score in _detections(boxes_file, default_score=1.0):
         img = det.get("image_id")
         if img is not None and (isinstance(img, bool) or not isinstance(img, int)):
@@ -248,7 +250,10 @@ def image_boxes(boxes_file, image_id: int | None, score_thr: float = 0.0) -> np.
             raise fail(boxes_file, where, "category_id", f"expected an integer, got {cat!r}")
         if (image_id is None or img == image_id) and cat == 1 and score >= score_thr:
             boxes.append(box)   # person boxes only, as the dataset reader keeps them
-    return np.stack(boxes) if boxes else np.zeros((0, 4), np.float32)
+            scores.append(score)
+    if not boxes:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    return np.stack(boxes), np.asarray(scores, np.float32)
 
 
 def load_mpii(ann_file, image_dir, check_images: bool = True
@@ -293,6 +298,13 @@ def load_mpii(ann_file, image_dir, check_images: bool = True
     return records, spec_for("mpii")
 
 
+def image_folder(data_cfg, split: str) -> str:
+    """The split's image folder relative to ``data.root``: ``data.train_images`` /
+    ``data.val_images`` as COCO ships them (train2017/, val2017/), else ``data.image_dir``."""
+    own = data_cfg.train_images if split == "train" else data_cfg.val_images
+    return own or data_cfg.image_dir
+
+
 def load_dataset(data_cfg, split: str) -> tuple[list[PersonRecord], KeypointSpec]:
     """The reader ``data_cfg.dataset`` names, paths resolved against ``data_cfg.root``.
 
@@ -304,7 +316,7 @@ def load_dataset(data_cfg, split: str) -> tuple[list[PersonRecord], KeypointSpec
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = Path(data_cfg.root)
     ann = root / (data_cfg.train_ann if split == "train" else data_cfg.val_ann)
-    image_dir = root / data_cfg.image_dir
+    image_dir = root / image_folder(data_cfg, split)
     if data_cfg.dataset == "mpii":
         records, spec = load_mpii(ann, image_dir)
         if split == "train":

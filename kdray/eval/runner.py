@@ -62,16 +62,25 @@ def joint_errors(records: list[PersonRecord], preds: dict) -> dict:
     return out
 
 
-def score(val: ValSet, preds: dict) -> dict:
-    """Metric dict in percent (the keys of docs/architecture.md, "Command-line contract") plus
-    joint errors when GT is known."""
+def results_of(val: ValSet, preds: dict):
+    """What ``kdray eval --pred`` reads: COCO keypoint results (a list of dicts), or for PCKh
+    the (N, 16, 2) joints of every GT person in GT order."""
     if val.metric == "pckh":
         full = np.zeros((len(val.records),) + preds["coords"].shape[1:], np.float32)
         full[preds["index"]] = preds["coords"]
-        return evaluate_pckh(val.gt_file, full)
+        return full
     recs = [val.records[i] for i in preds["index"]]
-    results = to_coco_results([r.image_id for r in recs], preds["coords"], preds["scores"],
-                              np.array([r.score for r in recs], np.float32))
+    return to_coco_results([r.image_id for r in recs], preds["coords"], preds["scores"],
+                           np.array([r.score for r in recs], np.float32))
+
+
+def score(val: ValSet, preds: dict) -> dict:
+    """Metric dict in percent (the keys of docs/architecture.md, "Command-line contract") plus
+    joint errors when GT is known."""
+    results = results_of(val, preds)
+    if val.metric == "pckh":
+        return evaluate_pckh(val.gt_file, results)
+    recs = [val.records[i] for i in preds["index"]]
     metrics = evaluate_coco(val.gt_file, results, metric=val.metric,
                             crowd_buckets=val.crowd_buckets)
     if all(r.ann_id >= 0 for r in recs):  # GT boxes: errors against the matching GT person

@@ -1,8 +1,9 @@
 """timm backbones returning multi-scale feature maps for the SimCC pose model (docs/methods.md 1.2).
 
 One dict, :data:`BACKBONES`, maps a config name (``model.backbone``) to the timm model name, its
-create kwargs and which returned map feeds the SimCC head. Nothing downloads: models are built
-with ``pretrained=False``; ``model.weights`` may name a local file (see :func:`load_weights`).
+create kwargs and which returned map feeds the SimCC head. Models are built with
+``pretrained=False``; ImageNet initialisation (``model.pretrained``, or a local ``model.weights``
+file) is loaded afterwards by kdray/nn/pretrained.py, which reports what it loaded.
 
 What each backbone returns (timm order, high -> low resolution; measured with timm 1.0.31):
 
@@ -27,9 +28,7 @@ What each backbone returns (timm order, high -> low resolution; measured with ti
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 # timm and torch load in the functions that use them (5 s): kdray.config checks a config's
@@ -37,8 +36,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,8 @@ class BackboneInfo:
 
 
 def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, BackboneInfo]:
-    """Build backbone ``name`` (a key of :data:`BACKBONES`); optionally load a local weights file.
+    """Build backbone ``name`` (a key of :data:`BACKBONES`); optionally load a timm
+    classification checkpoint ``weights`` (a file, :func:`kdray.nn.pretrained.load_weights`).
 
     Returns ``(module, info)``; ``module(images (B, 3, H, W))`` is a list of (B, C_i, H/r_i, W/r_i).
     Unknown names raise ValueError listing the known ones.
@@ -108,66 +106,9 @@ def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, BackboneInf
     if spec.size_divisor != max(reductions):
         raise ValueError(f"backbone {name!r}: size_divisor {spec.size_divisor} is not the largest "
                          f"returned reduction {max(reductions)}")
-    report = load_weights(module, weights) if weights else ""
+    from kdray.nn.pretrained import load_weights
+    report = load_weights(module, spec.timm_name, weights) if weights else ""
     info = BackboneInfo(name, spec.timm_name, channels, reductions,
                         head_index=reductions.index(spec.head_stride),
                         size_divisor=max(reductions), weights=report)
     return module, info
-
-
-# ---- local weights ---------------------------------------------------------------------------
-
-_PREFIXES = ("module.", "backbone.", "model.")  # DDP, a kdray PoseModel, timm's getter wrapper
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    else:  # never unpickle arbitrary objects (docs/operations.md, "Security notes")
-        import torch
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # common checkpoint nestings
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"model.weights {path}: expected a state dict, got {type(sd).__name__}")
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(_PREFIXES):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def load_weights(module: nn.Module, path: str) -> str:
-    """Load a local state dict into ``module`` non-strictly; return a one-line report.
-
-    Accepts ``torch.save`` files (read with ``weights_only=True``) and ``.safetensors``; strips
-    ``module.`` / ``backbone.`` / ``model.`` prefixes, so timm classification checkpoints and
-    kdray PoseModel checkpoints both fit. Keys with mismatched shapes are skipped (and reported).
-    Missing keys are logged as a warning; a file matching no key at all raises ValueError.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"model.weights: no such file {path!r}")
-    # timm's getter wraps the (pruned) model: load into it so plain timm checkpoints fit
-    from timm.models._features import FeatureGetterNet
-    target = module.model if isinstance(module, FeatureGetterNet) else module
-    own = target.state_dict()
-    sd = _read_state_dict(p)
-    mismatched = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
-    sd = {k: v for k, v in sd.items() if k not in mismatched}
-    res = target.load_state_dict(sd, strict=False)
-    loaded = len(own.keys() & sd.keys())  # not len - missing: BN fills num_batches_tracked
-    if loaded == 0:
-        raise ValueError(f"model.weights {path!r}: no key matches the backbone "
-                         f"(file keys e.g. {list(sd)[:3]}, backbone keys e.g. {list(own)[:3]})")
-    report = (f"{p.name}: loaded {loaded}/{len(own)} tensors, missing {len(res.missing_keys)}, "
-              f"unexpected {len(res.unexpected_keys)}, shape-mismatched {len(mismatched)}")
-    if res.missing_keys or mismatched:
-        log.warning("%s; missing e.g. %s; mismatched e.g. %s", report, res.missing_keys[:5],
-                    mismatched[:5])
-    else:
-        log.info(report)
-    return report

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from kdray.codecs.simcc import SimCCCodec
 from kdray.config import ConfigError, ModelConfig
 from kdray.nn.backbones import BackboneInfo, build_backbone
+from kdray.nn.pretrained import backbone_weights
 from kdray.nn.simcc_head import SimCCHead
 
 
@@ -66,7 +67,7 @@ class PoseModel(nn.Module):
     def __init__(self, model_cfg: ModelConfig, codec: SimCCCodec, flip_index: Sequence[int], *,
                  size_field: str = "data.input_size"):
         super().__init__()
-        self.backbone, info = build_backbone(model_cfg.backbone, model_cfg.weights)
+        self.backbone, info = build_backbone(model_cfg.backbone, backbone_weights(model_cfg))
         h, w = check_input_size(codec.input_size, info, size_field)
         head = info.head_index
         n = len(info.reductions)

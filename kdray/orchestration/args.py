@@ -39,7 +39,10 @@ def parse_args(pipeline: str, argv: list[str] | None = None, doc: str = "",
                    help="dotted.key=value config overrides, e.g. teacher.train.epochs=5")
     args = p.parse_intermixed_args(argv)  # positionals (a sweep's space file) before options
     set_verbose(args.verbose)
-    return args, load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    from kdray.nn.pretrained import check_pretrained  # ImageNet weights: before any compute
+    check_pretrained(cfg, skip=("teacher.model",) if args.teacher else ())
+    return args, cfg
 
 
 def help_first(pipeline: str, doc: str = "", extra=None) -> None:

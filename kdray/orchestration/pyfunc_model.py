@@ -6,7 +6,16 @@ the weights artifact (a kdray checkpoint: ``state_dict`` + ``meta``) with
 
 ``predict`` takes a batch of person crops, uint8 RGB ``(N, H, W, 3)`` at the model's input
 size (``meta["input_size"]``), and returns keypoints ``(N, K, 3)`` float32: x, y in crop pixels
-and a confidence score. Whole images with boxes: ``kdray predict`` (kdray.inference.Predictor).
+and a confidence score. Whole images with person boxes: crop them with the helpers the model
+carries in its code (kdray/inference.py), then map the answer back to image pixels::
+
+    model = mlflow.pyfunc.load_model("models:/kdray-tsd-student@champion")
+    from kdray.inference import crop_persons, crops_to_image   # importable once it has loaded
+    meta = model.unwrap_python_model().meta
+    crops, frames = crop_persons(image_rgb, boxes_xywh, meta)  # (N, H, W, 3) uint8, (N, 4)
+    keypoints = crops_to_image(model.predict(crops), frames, meta)  # (N, K, 3) image pixels
+
+``kdray predict`` does the same (plus detector-box filtering and NMS, kdray/predict.py).
 """
 from __future__ import annotations
 

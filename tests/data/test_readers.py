@@ -115,3 +115,32 @@ def test_load_dataset_rejects_keypoint_count_mismatch(real_data):
                      train_ann="test_crowdpose.json", image_dir=".")
     with pytest.raises(DataError, match="expects 17 keypoints"):
         load_dataset(cfg, "train")
+
+
+def test_per_split_image_folders(real_data, tmp_path):
+    """COCO as it ships: annotations/ beside train2017/ and val2017/; each split reads its own
+    folder (data.train_images / data.val_images), data.image_dir only where they are empty."""
+    data = json.loads((real_data / "coco" / "test_coco.json").read_text())
+    ids = sorted(im["id"] for im in data["images"])
+    split = {"train2017": ids[:2], "val2017": ids[2:]}
+    (tmp_path / "annotations").mkdir()
+    for folder, keep in split.items():
+        (tmp_path / folder).mkdir()
+        part = {**data, "images": [im for im in data["images"] if im["id"] in keep],
+                "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
+        for im in part["images"]:
+            (tmp_path / folder / im["file_name"]).symlink_to(real_data / "coco" / im["file_name"])
+        name = "person_keypoints_" + folder + ".json"
+        (tmp_path / "annotations" / name).write_text(json.dumps(part))
+    cfg = DataConfig(dataset="coco", root=str(tmp_path),
+                     train_ann="annotations/person_keypoints_train2017.json",
+                     val_ann="annotations/person_keypoints_val2017.json",
+                     train_images="train2017", val_images="val2017")
+    for s, folder in (("train", "train2017"), ("val", "val2017")):
+        records, _ = load_dataset(cfg, s)
+        assert {r.image_id for r in records} <= set(split[folder]) and records
+        assert {r.image_path.rsplit("/", 2)[-2] for r in records} == {folder}
+    # one folder for both splits (the old layout): the val images are not in train2017
+    with pytest.raises(DataError, match="val2017.json"):
+        load_dataset(DataConfig(dataset="coco", root=str(tmp_path), image_dir="train2017",
+                                val_ann="annotations/person_keypoints_val2017.json"), "val")

@@ -116,39 +116,6 @@ def test_head_rejects_other_input_sizes():
         model(torch.randn(1, 3, 128, 96))
 
 
-def test_local_weights_torch_and_safetensors(tmp_path):
-    from safetensors.torch import save_file
-    torch.manual_seed(3)
-    src, _ = build_backbone("mobilenetv3_small_100")
-    sd = {k: v.clone() for k, v in src.state_dict().items()}
-    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "w.pth")
-    save_file(sd, str(tmp_path / "w.safetensors"))
-    for name in ("w.pth", "w.safetensors"):
-        dst, info = build_backbone("mobilenetv3_small_100", str(tmp_path / name))
-        assert "missing 0" in info.weights
-        for k, v in dst.state_dict().items():
-            torch.testing.assert_close(v, sd[k])
-    # a kdray PoseModel checkpoint ("backbone.model....") also fits the backbone
-    pm = _model("mobilenetv3_small_100")
-    torch.save(pm.state_dict(), tmp_path / "pose.pth")
-    _, info = build_backbone("mobilenetv3_small_100", str(tmp_path / "pose.pth"))
-    assert "missing 0" in info.weights and "unexpected 6" in info.weights  # the head's 6 tensors
-    torch.save({"nothing.here": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="no key matches"):
-        build_backbone("mobilenetv3_small_100", str(tmp_path / "bad.pth"))
-    with pytest.raises(FileNotFoundError, match="model.weights"):
-        build_backbone("mobilenetv3_small_100", str(tmp_path / "absent.pth"))
-
-
-def test_timm_classification_checkpoint_fits_the_feature_backbone(tmp_path):
-    # an ImageNet checkpoint of the full timm model (classifier, HRNet's incre modules) loads
-    # with nothing missing; its head tensors are reported as unexpected
-    import timm
-    torch.save(timm.create_model("hrnet_w18_small").state_dict(), tmp_path / "cls.pth")
-    _, info = build_backbone("hrnet_w18_small", str(tmp_path / "cls.pth"))
-    assert "missing 0" in info.weights and "unexpected 0" not in info.weights
-
-
 def _reference_decode(lx, ly, k):
     """argmax / k and min over the axes of max softmax(10 * logits): docs/methods.md 1.2,
     written out here independently of SimCCCodec.decode."""
