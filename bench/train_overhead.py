@@ -59,7 +59,7 @@ def run(side: str, cfg, work: Path, inputs: dict, tag: str) -> tuple[float, list
     stage_dir = work / f"{side}-{tag}"
     t0 = time.perf_counter()
     if side == "plain":
-        res = ray_train._fit_in_process("student", cfg, stage_dir, inputs, None, evaluate=False)
+        res = ray_train._fit_in_process(TSD_STUDENT, cfg, stage_dir, inputs, None, evaluate=False)
     else:
         res = ray_train.fit_on_ray(TSD_STUDENT, cfg, stage_dir, inputs, f"overhead-{tag}",
                                    work / "ray_storage", None, evaluate=False)
