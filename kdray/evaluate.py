@@ -30,7 +30,8 @@ from kdray.stage_run import METRIC, ensure_data, kind
 def load_model(ref: str) -> tuple[nn.Module, dict]:
     """(network in eval mode, meta) from a checkpoint file/folder or ``models:/NAME@ALIAS``."""
     if ref.startswith("models:/"):
-        from kdray.orchestration.tracking import existing_store, load_registered
+        from kdray.orchestration.registry import load_registered
+        from kdray.orchestration.tracking import existing_store
         return load_registered(ref, existing_store())
     return model_from_checkpoint(ref)
 

@@ -147,9 +147,9 @@ def test_mlflow_holds_parent_child_runs_metrics_artifacts_and_models(scenario):
     crops = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     got = model.predict(crops)
     # the registered weights, loaded the way `kdray predict models:/...` loads them
-    from kdray.orchestration import tracking
+    from kdray.orchestration import registry
     from kdray.orchestration.pyfunc_model import keypoints_from_crops
-    module, meta = tracking.load_registered("models:/kdray-tsd-refined@champion", uri)
+    module, meta = registry.load_registered("models:/kdray-tsd-refined@champion", uri)
     np.testing.assert_array_equal(got, keypoints_from_crops(module, meta, crops))
     assert got.shape == (2, 17, 3) and (got[..., :2] >= 0).all() and (got[..., :2] < 64).all()
     assert ((got[..., 2] > 0) & (got[..., 2] <= 1)).all()      # x, y in the crop; a probability
@@ -172,6 +172,21 @@ def test_predict_and_registry_cli_from_models_uri(scenario, real_data, tmp_path,
     shown = json.loads(capsys.readouterr().out)
     assert shown["aliases"] == ["candidate", "champion"] and shown["version"] in (1, "1")
     assert cli.main(["registry", "show", "kdray-tsd-refined@nope"]) == 2
+
+    # "what is this checkpoint's AP": kdray test on the registered stage-1 student gives the
+    # val AP the pipeline reported for it (same val loop and evaluator)
+    capsys.readouterr()
+    assert cli.main(["test", "--model", "models:/kdray-tsd-student@champion", "--config",
+                     str(SMOKE), "--out", str(tmp_path / "test"), *scenario["argv"][4:]]) == 0
+    tested = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tested["AP"] == pytest.approx(scenario["saved"]["metrics"]["AP_stage1"], abs=1e-6)
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["AP"] == tested["AP"]
+    # and the registered student exports to ONNX from its models:/ reference
+    assert cli.main(["export", "--model", "models:/kdray-tsd-student@champion", "--onnx",
+                     str(tmp_path / "student.onnx")]) == 0
+    import onnx
+    graph = onnx.load(str(tmp_path / "student.onnx")).graph
+    assert [o.name for o in graph.output] == ["keypoints", "scores"]
 
 
 def test_third_run_reuses_every_stage_and_adds_no_version(scenario):

@@ -180,8 +180,9 @@ def test_sweep_writes_best_config_summary_and_mlflow_runs(resumed):
     trained = sum(json.loads((out / "trials" / t / "result.json").read_text())["train_seconds"]
                   for t in summary["outputs"]["trial_attempts"])
     assert m["trials"] == 4.0 and m["trial_train_seconds"] == pytest.approx(trained, abs=0.051)
+    # sweep_seconds is rounded to 0.1 s (a resumed sweep with nothing left may take 0.04 s)
     assert m["overhead_ratio"] == pytest.approx(m["sweep_seconds"] / m["trial_train_seconds"],
-                                                rel=0.02, abs=0.002)
+                                                rel=0.02, abs=0.05 / m["trial_train_seconds"])
     client = MlflowClient(summary["outputs"]["mlflow_uri"])
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
