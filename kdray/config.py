@@ -133,9 +133,9 @@ class ModelConfig:
     # then changes results, not only speed (docs/operations.md, "Several workers").
     freeze_bn: bool = _f(False, doc="keep BatchNorm statistics fixed while training (BN layers "
                                     "in eval mode; their affine weights still train)")
-    sync_bn: str = _f("auto", choices=("auto", "on", "off"),
-                      doc="SyncBatchNorm across the Ray Train workers (CUDA only; on CPU each "
-                          "rank keeps its own statistics); auto = on with 2+ GPU workers")
+    sync_bn: str = _f("auto", doc="SyncBatchNorm across the Ray Train workers (CUDA only; on "
+                                  "CPU each rank keeps its own statistics); auto = on with 2+ "
+                                  "GPU workers", choices=("auto", "on", "off"))
 
 
 @dataclass(frozen=True)
