@@ -34,25 +34,21 @@ def on_driver_node() -> dict:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
-def check_storage(storage: str, explicit: bool) -> None:
+def check_storage(storage: str) -> None:
     """Refuse (ConfigError: exit 2) Ray Train storage that some node cannot reach, on a cluster
-    with more than one node with CPUs. ``storage``: the resolved path or URI; ``explicit``:
-    whether ``ray.storage_path`` named it (else it is kdray's default, ``<stage cache>/ray``
-    on the driver's disk, which is refused on such a cluster). A named folder is checked from
-    every node: a file written here must be visible there."""
+    with more than one node with CPUs: a plain folder (``ray.storage_path``, or kdray's default
+    ``<stage cache>/ray``, shared when ``--storage`` is a shared mount) must be visible from
+    every such node: a file written into it here must exist there."""
     if "://" in storage:
         return  # object stores: every node reaches them with the same credentials
     nodes = cpu_nodes()
     if len(nodes) < 2:
         return
-    if not explicit:
-        raise ConfigError(f"ray.storage_path: the Ray cluster has {len(nodes)} nodes with CPUs "
-                          f"and the default storage {storage} is a folder on this machine; "
-                          f"{SET_IT}")
     missing = unseen_from(Path(storage), nodes)
     if missing:
-        raise ConfigError(f"ray.storage_path={storage}: not visible from node(s) "
-                          f"{', '.join(missing)}; {SET_IT}")
+        raise ConfigError(f"ray.storage_path: Ray Train's storage {storage} is not visible from "
+                          f"node(s) {', '.join(missing)} of the {len(nodes)} nodes with CPUs; "
+                          f"{SET_IT}")
 
 
 def unseen_from(folder: Path, nodes: list[dict]) -> list[str]:
@@ -65,10 +61,14 @@ def unseen_from(folder: Path, nodes: list[dict]) -> list[str]:
     token = folder / f".kdray-probe-{uuid.uuid4().hex}"
     token.write_text("kdray storage probe\n")
     try:
-        probe = ray.remote(num_cpus=0)(os.path.exists)
+        probe = ray.remote(num_cpus=0)(_exists)
         seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             n["NodeID"], soft=False)).remote(str(token)) for n in nodes])
     finally:
         token.unlink(missing_ok=True)
     return [f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}" for n, ok in zip(nodes, seen)
             if not ok]
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)

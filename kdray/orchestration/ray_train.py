@@ -138,7 +138,7 @@ def fit_on_ray(stage, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, 
     from kdray.orchestration.cluster import check_storage
     ensure_ray()
     storage = _storage(storage_path)
-    check_storage(storage, explicit=bool(cfg.ray.storage_path))  # before any training
+    check_storage(storage)  # before any training
     gpu = _use_gpu(cfg)
     _note_batch_stats(stage.model(cfg), cfg.ray.num_workers, gpu)
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
