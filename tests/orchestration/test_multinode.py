@@ -3,6 +3,7 @@ and temp dirs on this machine, tests/orchestration/conftest.py::ray_cluster) tra
 node, survives losing a node mid-stage, and refuses storage the nodes do not share."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -101,7 +102,9 @@ def test_node_lost_mid_stage_resumes_to_the_uninterrupted_result(one_node, clust
 
     driver = threading.Thread(target=run, daemon=True)
     driver.start()
-    while not list((tmp_path / "shared" / "ray").glob("teacher-*/checkpoint_*")):
+    # Epoch 1's checkpoint registered by Ray Train (its manager's snapshot names it), not
+    # merely uploaded: a node lost in between would restart from scratch.
+    while not _registered_checkpoint(tmp_path / "shared" / "ray"):
         assert driver.is_alive(), f"the stage ended before its first checkpoint: {done}"
         time.sleep(0.2)
     c.remove_node(sorted(c.worker_nodes, key=lambda n: n.node_id)[0], allow_graceful=False)
@@ -128,6 +131,14 @@ def test_node_lost_mid_stage_resumes_to_the_uninterrupted_result(one_node, clust
     runs = client.search_runs([client.get_run(done["run_id"]).info.experiment_id],
                               "tags.`kdray.stage` = 'teacher'")
     assert [(r.info.run_id, r.info.status) for r in runs] == [(result.run_id, "FINISHED")]
+
+
+def _registered_checkpoint(storage: Path) -> bool:
+    for snapshot in storage.glob("teacher-*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(OSError):
+            if "checkpoint_" in snapshot.read_text():
+                return True
+    return False
 
 
 def _assert_same_losses(history: list[dict], reference: list[dict]) -> None:
