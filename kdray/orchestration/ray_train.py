@@ -13,8 +13,8 @@ to reach the tracking store. Failures and restarts:
 - the driver dies: rerunning with the same ``RunConfig(name, storage_path)`` (the stage key)
   restores the run and resumes the same way (docs/operations.md, "Ray Train 2.60").
 
-Each worker start is appended to ``<stage_dir>/attempts.jsonl`` (the epoch it starts at), so
-a resume is visible. The worker's own files live in a scratch dir; the driver copies the final
+Each worker start is appended to ``<stage_dir>/attempts.jsonl`` (the epoch it starts at, rank
+0's node and scratch dir; the driver writes it), so a resume is visible. The worker's own files live in a scratch dir; the driver copies the final
 checkpoint into the stage dir and writes metrics.json and loss_curve.png from its history.
 """
 from __future__ import annotations
@@ -85,9 +85,6 @@ def shutdown_ray() -> None:
         import ray
         ray.shutdown()
         _started_ray = False
-# How a Ray worker's DataLoader starts its processes: not fork (Ray's docs on torch
-# DataLoaders inside Ray workers; a forked child inherits Ray's threads and gRPC state).
-LOADER_START = "forkserver"
 
 
 def _use_gpu(cfg: ExperimentConfig) -> bool:
@@ -138,7 +135,10 @@ def fit_on_ray(stage, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from kdray.orchestration.cluster import check_storage
     ensure_ray()
+    storage = _storage(storage_path)
+    check_storage(storage)  # before any training
     gpu = _use_gpu(cfg)
     _note_batch_stats(stage.model(cfg), cfg.ray.num_workers, gpu)
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
@@ -152,10 +152,10 @@ def fit_on_ray(stage, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, 
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name, storage_path=_storage(storage_path),
+            name=run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks))
-    with _forwarded(progress, mlflow, cfg.ray.num_workers) as queue:
+    with _forwarded(progress, mlflow, cfg.ray.num_workers, stage_dir) as queue:
         loop_config["progress"] = queue
         result = trainer.fit()
     if result.checkpoint is None:
@@ -171,18 +171,21 @@ def fit_on_ray(stage, cfg: ExperimentConfig, stage_dir: Path, inputs: dict[str, 
 
 
 @contextlib.contextmanager
-def _forwarded(progress, mlflow, world: int):
-    """A Ray queue that the rank-0 worker puts its progress events on, drained by a thread on
-    the driver while the trainer runs: ``progress`` renders them and each epoch's metrics go to
-    the MLflow run ``mlflow = (uri, run_id)`` from here. Workers never write to MLflow, so the
-    tracking store need only be reachable from the driver (a server on 127.0.0.1, a sqlite
-    file). None when there is nothing to forward."""
-    if progress is None and not mlflow:
-        yield None
-        return
+def _forwarded(progress, mlflow, world: int, stage_dir: Path):
+    """A Ray queue that the rank-0 worker puts its events on, drained by a thread on the driver
+    while the trainer runs: each worker start goes to ``stage_dir/attempts.jsonl`` (written
+    here: the stage dir need not exist on the worker's node), ``progress`` renders the progress
+    events and each epoch's metrics go to the MLflow run ``mlflow = (uri, run_id)`` from here.
+    Workers never write to MLflow, so the tracking store need only be reachable from the
+    driver (a server on 127.0.0.1, a sqlite file). The queue's actor lives on the driver's
+    node, so that losing a worker node mid-stage does not lose it."""
+    from kdray.orchestration.cluster import on_driver_node
     from kdray.orchestration.tracking import log_metrics, numeric
 
     def handle(event: dict) -> None:
+        if event.get("kind") == "attempt":
+            _log_attempt(stage_dir, **event["attempt"])
+            return
         if progress is not None:
             progress(event)
         if mlflow and event.get("kind") == "epoch":
@@ -192,7 +195,7 @@ def _forwarded(progress, mlflow, world: int):
             log_metrics(mlflow[0], mlflow[1], metrics, step=int(metrics.get("epoch", 0)))
 
     from ray.util.queue import Empty, Queue
-    queue = Queue(actor_options={"num_cpus": 0})
+    queue = Queue(actor_options={"num_cpus": 0, **on_driver_node()})
     stop = threading.Event()
 
     def drain() -> None:
@@ -291,14 +294,16 @@ def _worker(config: dict) -> None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             resume = Path(checkpoint.to_directory(str(scratch / "resume"))) / "last.pt"
-        if rank == 0:
-            _log_attempt(Path(config["stage_dir"]), _start_epoch(resume), world)
-        report = _reporter(None, rank, world, ray.train.report)
         queue = config["progress"]
+        if rank == 0:  # the driver appends it to the stage dir's attempts.jsonl
+            queue.put({"kind": "attempt", "attempt": {
+                "start_epoch": _start_epoch(resume), "world_size": world,
+                "node": ray.get_runtime_context().get_node_id(), "scratch": str(scratch)}})
+        report = _reporter(None, rank, world, ray.train.report)
         fit(task, loader, t, scratch / "out" if rank == 0 else None,
             evaluate if config["evaluate"] else None,
             report=report, resume_from=resume, is_main=rank == 0, device=device,
-            on_progress=queue.put_nowait if queue is not None and rank == 0 else None)
+            on_progress=queue.put_nowait if rank == 0 else None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -327,14 +332,13 @@ def _start_epoch(checkpoint: Path | None) -> int:
     return int(load_checkpoint(checkpoint)["epoch"]) + 1
 
 
-def _log_attempt(stage_dir: Path, start_epoch: int, world_size: int) -> None:
-    try:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        with open(stage_dir / "attempts.jsonl", "a") as f:
-            f.write(json.dumps({"time": time.time(), "start_epoch": start_epoch,
-                                "world_size": world_size, "pid": os.getpid()}) + "\n")
-    except OSError:  # a worker node without the shared stage dir: informative only
-        pass
+def _log_attempt(stage_dir: Path, start_epoch: int, world_size: int, **where) -> None:
+    """One line per start of the stage's training: the epoch it starts at and, for a Ray
+    worker group, rank 0's node id and scratch dir (``where``)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with open(stage_dir / "attempts.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.time(), "start_epoch": start_epoch,
+                            "world_size": world_size, "pid": os.getpid(), **where}) + "\n")
 
 
 def read_attempts(stage_dir: str | Path) -> list[dict]:

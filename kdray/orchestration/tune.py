@@ -35,11 +35,16 @@ def uses_frozen_cache(space: SearchSpace) -> bool:
                                             for p in space.params)
 
 
+TRIAL_ACTOR_CPU = 0.01   # a Tune actor that only drives a TorchTrainer ({"CPU": 0} raises)
+
+
 def trial_resources(cfg: ExperimentConfig, gpu: bool) -> tuple[dict, float, float]:
     """(Tune resources of the trial actor, CPUs a trial occupies, GPUs a trial occupies)."""
     r = cfg.ray
     if r.num_workers > 1:  # the actor only drives its TorchTrainer (docs/operations.md, Tune)
-        return {"CPU": 0.01}, r.num_workers * r.cpus_per_worker, r.num_workers * float(gpu)
+        # ... but holds its CPU share too: 2 workers x 1 CPU next to it do not fit in 2 CPUs
+        return ({"CPU": TRIAL_ACTOR_CPU}, r.num_workers * r.cpus_per_worker + TRIAL_ACTOR_CPU,
+                r.num_workers * float(gpu))
     res = {"CPU": r.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     return res, r.cpus_per_worker, float(gpu)
 
@@ -116,8 +121,10 @@ def run_trial(config: dict, ctx: dict) -> None:
     if cfg.ray.num_workers > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
         cfg = with_overrides(cfg, {f"{space.stage.train_key}.eval_every": 1})  # every report
+        # ray.storage_path when given: on several nodes it is the storage they all reach
+        storage = cfg.ray.storage_path or tdir / "ray"
         result = ray_train.fit_on_ray(space.stage, cfg, tdir, inputs, f"train-{trial_id}",
-                                   tdir / "ray", (run.uri, run.run_id),
+                                   storage, (run.uri, run.run_id),
                                    callbacks=[TuneReportCallback()])
     else:
         from kdray.stage_run import build_stage

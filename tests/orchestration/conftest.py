@@ -122,3 +122,56 @@ def ray_local():
     """A real local Ray with 2 CPUs for this module, always shut down."""
     with local_ray() as ray:
         yield ray
+
+
+@contextlib.contextmanager
+def ray_cluster(workers: int = 2, env: dict | None = None, node_env: dict | None = None):
+    """A Ray cluster of separate raylets on this machine (``ray.cluster_utils.Cluster``): a head
+    without CPUs (the driver's node) and ``workers`` nodes with 1 CPU each, so that the two Ray
+    Train workers of a stage land on different nodes. Each node has its own Ray temp dir and
+    its own ``TMPDIR`` (what its workers' ``tempfile.gettempdir()`` returns): the nodes share
+    no scratch space, as separate machines would not. Yields ``(cluster, add_node)``;
+    ``add_node()`` starts one more such node. ``env`` as in :func:`local_ray`; ``node_env``:
+    more environment for the first worker node only, whose processes then load
+    fault_hook/sitecustomize.py (e.g. ``KDRAY_TEST_UNSHARED_DIR``)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from kdray.orchestration.ray_train import loopback_only
+    os.environ.setdefault("KDRAY_PROGRESS", "0")
+    loopback_only()
+    base = Path(tempfile.mkdtemp(prefix="kc-"))  # short: Ray's socket paths have a length limit
+    count = iter(range(1000))
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 0, "temp_dir": str(base / "head")})
+
+        def add_node():
+            index = next(count)
+            node_dir = base / f"n{index}"
+            (node_dir / "tmp").mkdir(parents=True)
+            extra = {}
+            if node_env and index == 0:
+                path = os.pathsep.join(p for p in (str(FAULT_HOOK),
+                                                   os.environ.get("PYTHONPATH", "")) if p)
+                extra = {"PYTHONPATH": path, **node_env}
+            return cluster.add_node(num_cpus=1, temp_dir=str(node_dir / "ray"),
+                                    env_vars={"TMPDIR": str(node_dir / "tmp"), **extra})
+
+        for _ in range(workers):
+            add_node()
+        ray.init(address=cluster.address)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield cluster, add_node
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(base, ignore_errors=True)

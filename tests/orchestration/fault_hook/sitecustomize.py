@@ -79,3 +79,22 @@ class _PatchRayTrain(importlib.abc.MetaPathFinder):
 
 if os.environ.get("KDRAY_TEST_FAULT_AT_EPOCH"):
     sys.meta_path.insert(0, _PatchRayTrain())
+
+
+# A node without a shared mount: in the processes of a node started with
+# ``KDRAY_TEST_UNSHARED_DIR=<dir>`` (conftest.ray_cluster's ``node_env``), files under <dir> do
+# not exist, as on a machine that does not mount it (one machine cannot show two nodes two
+# filesystems otherwise).
+def _unshared(folder: str) -> None:
+    import os.path
+    exists = os.path.exists
+
+    def hidden_exists(path) -> bool:
+        if os.path.abspath(os.fspath(path)).startswith(folder.rstrip("/") + "/"):
+            return False
+        return exists(path)
+    os.path.exists = hidden_exists
+
+
+if os.environ.get("KDRAY_TEST_UNSHARED_DIR"):
+    _unshared(os.environ["KDRAY_TEST_UNSHARED_DIR"])
