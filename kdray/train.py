@@ -33,7 +33,8 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class Progress:
-    """Where training is: TSD's gamma(t) uses the 1-based epoch, ETHT's reversal strength the fraction."""
+    """Where training is: TSD's gamma(t) uses the 1-based epoch, ETHT's reversal strength
+    the fraction."""
     epoch: int          # 1-based
     epochs: int
     fraction: float     # in [0, 1], advanced per step

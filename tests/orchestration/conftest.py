@@ -93,6 +93,22 @@ def smoke_data(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
+def _environ(env: dict | None):
+    """``os.environ`` plus ``env`` inside the block (Ray's processes inherit it when they
+    start), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def local_ray(env: dict | None = None):
     """A real local Ray with 2 CPUs, always shut down; ``env`` is set while it starts, so its
     worker processes inherit it (e.g. :func:`fault_env`), and put back afterwards."""
@@ -101,16 +117,8 @@ def local_ray(env: dict | None = None):
     from kdray.orchestration.ray_train import loopback_only
     os.environ.setdefault("KDRAY_PROGRESS", "0")
     loopback_only()   # as kdray's own local Ray: every port on 127.0.0.1
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
+    with _environ(env):
         ray.init(address="local", num_cpus=2)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         yield ray
     finally:
@@ -142,9 +150,7 @@ def ray_cluster(workers: int = 2, env: dict | None = None, node_env: dict | None
     loopback_only()
     base = Path(tempfile.mkdtemp(prefix="kc-"))  # short: Ray's socket paths have a length limit
     count = iter(range(1000))
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
+    with _environ(env):
         cluster = Cluster(initialize_head=True,
                           head_node_args={"num_cpus": 0, "temp_dir": str(base / "head")})
 
@@ -163,12 +169,6 @@ def ray_cluster(workers: int = 2, env: dict | None = None, node_env: dict | None
         for _ in range(workers):
             add_node()
         ray.init(address=cluster.address)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         yield cluster, add_node
     finally:
