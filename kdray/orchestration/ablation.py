@@ -15,15 +15,18 @@ import argparse
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import yaml
 
+from kdray.console import log
+from kdray.progress import clock
 from kdray.config import (ConfigError, ExperimentConfig, from_dict, get_dotted, to_dict,
                           with_overrides)
 from kdray.eval import stats
 from kdray.orchestration import ray_train
-from kdray.orchestration.pipeline import Pipeline, StageResult, stage_key
+from kdray.orchestration.pipeline import Pipeline, StageResult, primary_metric, stage_key
 from kdray.orchestration.tracking import numeric
 from kdray.stages import STAGES, Stage
 
@@ -116,13 +119,15 @@ def run_table(p: Pipeline, table: dict, seeds: int, teacher: StageResult):
     import ray
     from ray import tune
 
-    from kdray.orchestration.tune import max_concurrent, trial_resources
+    from kdray.console import verbose
+    from kdray.orchestration.tune import fit_quietly, max_concurrent, trial_resources
     ray_train.ensure_ray()
     resources, cpus, gpus = trial_resources(p.cfg, ray_train._use_gpu(p.cfg))
     ctx = {"table": table, "cfg": to_dict(p.cfg), "teacher": dataclasses.asdict(teacher),
            "tracker": p.tracker, "cpus_per_trial": cpus,
            "paths": {"storage": str(p.storage), "out": str(p.out), "cache": str(p.cache)}}
     trainable = tune.with_resources(tune.with_parameters(run_row, ctx=ctx), resources)
+    progress = TrialProgress(table["name"], primary_metric(p.cfg), len(table["rows"]) * seeds)
     tuner = tune.Tuner(
         trainable,
         param_space={"row": tune.grid_search(list(table["rows"])),
@@ -131,8 +136,35 @@ def run_table(p: Pipeline, table: dict, seeds: int, teacher: StageResult):
             max_concurrent_trials=max_concurrent(ray.cluster_resources(), cpus, gpus),
             reuse_actors=True),
         run_config=tune.RunConfig(name=f"ablation-{table['name']}",
-                                  storage_path=str(p.out / "tune"), verbose=1))
-    return tuner.fit()
+                                  storage_path=str(p.out / "tune"),
+                                  verbose=1 if verbose() else 0,   # Tune's tables: --verbose
+                                  callbacks=[progress]))
+    return fit_quietly(tuner)
+
+
+def _callback_base():
+    from ray.tune import Callback
+    return Callback
+
+
+class TrialProgress(_callback_base()):
+    """One console line per finished trial: its row, seed and metric, how many are done and
+    the time left at the rate trials have finished so far (reused stages make it rough)."""
+
+    def __init__(self, name: str, metric: str, total: int):
+        self.name, self.metric, self.total = name, metric, total
+        self.t0 = time.monotonic()
+        self.done = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        m = (trial.last_result or {}).get(self.metric)
+        value = f"{m:.2f}" if isinstance(m, (int, float)) else "-"
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        log(f"{self.name}: trial {self.done}/{self.total} done, row {trial.config['row']} "
+            f"seed {trial.config['seed']}: {self.metric.removeprefix('val_')} {value} "
+            f"({clock(elapsed)} elapsed, ~{clock(eta)} left)")
 
 
 def finished_trials(results) -> list[tuple[str, int, dict]]:

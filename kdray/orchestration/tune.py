@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
+from kdray.console import log
 from kdray.orchestration import ray_train
 from kdray.orchestration.tracking import Tracker, numeric, warn
 from kdray.orchestration.search_space import SearchSpace, define_by_run, make_sampler
@@ -190,7 +190,7 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
         log(f"resuming the sweep in {storage / name}")
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable,
                                    resume_unfinished=True, resume_errored=True)
-        return tuner.fit()
+        return fit_quietly(tuner)
     epochs = space.stage.train(cfg).epochs
     concurrent = max_concurrent(ray.cluster_resources(), cpus, gpus)
     log(f"sweep over {len(space.params)} parameters of stage {space.stage.name}: {num_samples} "
@@ -208,12 +208,27 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
                                     reduction_factor=2, stop_last_trials=False)),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
                                   callbacks=[ProgressTable(metric, space)]))
-    return tuner.fit()
+    return fit_quietly(tuner)
 
 
+def fit_quietly(tuner):
+    """``tuner.fit()`` without Tune's console tables unless ``--verbose``: Tune's newer output
+    engine prints its "Configuration for experiment" box and trial tables even at
+    ``verbose=0``; its older one, chosen by ``RAY_AIR_NEW_OUTPUT=0``, stays silent there. kdray
+    prints its own progress (ProgressTable, ablation.TrialProgress)."""
+    from kdray.console import verbose
+    if verbose():
+        return tuner.fit()
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        return tuner.fit()
+    finally:
+        if before is None:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
-def log(msg: str) -> None:
-    print(f"[kdray] {msg}", file=sys.stderr, flush=True)
 
 
 def _progress_table_base():

@@ -67,6 +67,15 @@ def test_table_has_five_rows_with_the_paper_column(table):
     assert json.loads(line) == summary and summary["metrics"]["trials_failed"] == 0.0
 
 
+def test_console_has_one_line_per_trial_and_no_tune_tables(table):
+    done = [x for x in table["err"].splitlines() if x.startswith("[kdray] cdkd-vi: trial ")]
+    assert [x.split(" done")[0] for x in done] == [f"[kdray] cdkd-vi: trial {i}/5"
+                                                  for i in range(1, 6)]
+    assert all(" left)" in x and ": AP " in x for x in done), done
+    for chatter in ("Trial status", "Configuration for experiment", "Trial run_row"):
+        assert chatter not in table["err"] + table["stdout"]
+
+
 def test_rows_differ_in_projector_count_and_share_one_teacher(table):
     cache, m = table["cache"], table["summary"]["metrics"]
     projectors = sorted(yaml.safe_load((d / "config.yaml").read_text())["cdkd"]["projectors"]
