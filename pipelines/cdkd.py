@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("cdkd", argv, __doc__)
     # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
     from kdray.orchestration.pipeline import Pipeline
-    from kdray.stages import CDKD_STUDENT, low_res_baseline
+    from kdray.stages import CDKD_STUDENT, TEACHER, low_res_baseline
     with Pipeline("cdkd", cfg, args, stages=3) as p:
+        plan = [(CDKD_STUDENT, None), (CDKD_STUDENT, low_res_baseline(p.cfg))]
+        p.expect(plan if args.teacher else [(TEACHER, None), *plan])   # how long, said first
         teacher = p.teacher(args.teacher)                          # trained once, or given
         student = p.stage(CDKD_STUDENT, teacher=teacher)           # low-res student
         baseline = p.stage(CDKD_STUDENT, low_res_baseline(p.cfg), label="baseline")  # no KD

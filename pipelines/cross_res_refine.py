@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("cross_res_refine", argv, __doc__)
     # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
     from kdray.orchestration.pipeline import Pipeline
-    from kdray.stages import CDKD_REFINED, CDKD_STUDENT, low_res_baseline
+    from kdray.stages import CDKD_REFINED, CDKD_STUDENT, TEACHER, low_res_baseline
     with Pipeline("cross_res_refine", cfg, args, stages=4) as p:
+        plan = [(CDKD_STUDENT, None), (CDKD_REFINED, None),
+                (CDKD_STUDENT, low_res_baseline(p.cfg))]
+        p.expect(plan if args.teacher else [(TEACHER, None), *plan])   # how long, said first
         teacher = p.teacher(args.teacher)                          # trained once, or given
         student = p.stage(CDKD_STUDENT, teacher=teacher)           # low-res, distilled
         refined = p.stage(CDKD_REFINED, label="refined", teacher=teacher, student=student)

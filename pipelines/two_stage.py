@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args("two_stage", argv, __doc__)
     # torch, Ray and MLflow load after the arguments parsed: --help answers at once.
     from kdray.orchestration.pipeline import Pipeline, baseline_config
-    from kdray.stages import TSD_REFINED, TSD_STUDENT
+    from kdray.stages import TEACHER, TSD_REFINED, TSD_STUDENT
     with Pipeline("two_stage", cfg, args, stages=4) as p:
+        plan = [(TSD_STUDENT, None), (TSD_REFINED, None), (TSD_STUDENT, baseline_config(p.cfg))]
+        p.expect(plan if args.teacher else [(TEACHER, None), *plan])   # how long, said first
         teacher = p.teacher(args.teacher)                          # trained once, or given
         stage1 = p.stage(TSD_STUDENT, label="stage1", teacher=teacher)        # S4: TSD stage 1
         stage2 = p.stage(TSD_REFINED, label="stage2", teacher=teacher, student=stage1)  # S6

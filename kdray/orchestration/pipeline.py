@@ -116,6 +116,7 @@ class Pipeline:
         self.registered: dict[str, dict] = {}
         self._child_runs: dict[tuple[str, str], str] = {}   # (stage, key) -> this run's child
         self._resume_run = ""
+        self.expected: float | None = None   # seconds, from expect()
 
     @property
     def run_id(self) -> str:
@@ -174,6 +175,21 @@ class Pipeline:
                 f"{', '.join(closed)}")
 
     # -- stages ------------------------------------------------------------------------------
+    def expect(self, plan: list[tuple[Stage, ExperimentConfig | None]]) -> float:
+        """Say before the first stage how long the stages of ``plan`` (stage, config or None
+        for the pipeline's) will take on this machine, from a few timed steps of each network
+        (kdray/orchestration/estimate.py). Returns the seconds."""
+        from kdray.orchestration.estimate import expected_seconds
+        from kdray.stage_run import load_records
+        train, val, spec = load_records(self.cfg)
+        plan = [(s, self.cfg if c is None else resolve_config(c, self.storage)) for s, c in plan]
+        secs = expected_seconds(plan, len(train), len(val), spec.num_joints)
+        self.expected = sum(secs)
+        parts = ", ".join(f"{s.name} ~{clock(x)}" for (s, _), x in zip(plan, secs))
+        log(f"{self.name}: expected ~{clock(self.expected)} on this machine ({parts}; measured "
+            f"from a few training steps; a stage already in the cache takes none)")
+        return self.expected
+
     def stage(self, stage: Stage, cfg: ExperimentConfig | None = None, label: str | None = None,
               **inputs: StageResult) -> StageResult:
         """Run ``stage`` (or reuse it); ``inputs`` are upstream results (teacher=, student=)."""
@@ -351,7 +367,8 @@ class Pipeline:
                          "-" if r.reused else clock(r.wall_seconds),
                          "reused" if r.reused else "trained"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [f"[kdray] {self.name} finished in {clock(time.monotonic() - self._t0)}"]
+        expected = f" (expected ~{clock(self.expected)})" if self.expected else ""
+        lines = [f"[kdray] {self.name} finished in {clock(time.monotonic() - self._t0)}{expected}"]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
                   for row in rows]
         for name, reg in self.registered.items():

@@ -100,6 +100,17 @@ def test_pipeline_prints_summary_and_writes_summary_json(scenario):
     assert set(summary["outputs"]["stages"]) == {"teacher", "stage1", "stage2", "baseline"}
 
 
+def test_pipeline_says_up_front_how_long_it_expects_to_take(scenario):
+    err = scenario["second"][2]
+    first = err.index("[kdray] two_stage: expected ~")
+    assert first < err.index("stage 1/4")                          # before any stage
+    line = err[first:].splitlines()[0]
+    for part in ("teacher ~", "student ~", "gcn ~", "a stage already in the cache"):
+        assert part in line, line
+    finished = [x for x in err.splitlines() if "two_stage finished in" in x]
+    assert len(finished) == 1 and "(expected ~" in finished[0]
+
+
 def test_mlflow_holds_parent_child_runs_metrics_artifacts_and_models(scenario):
     from mlflow.tracking import MlflowClient
     summary, uri = scenario["second"][0], scenario["uri"]
