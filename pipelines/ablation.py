@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         f"{args.seeds} seeds)\n\n" + markdown(table, records,
                                                                                metric))
         pd.DataFrame(records).to_parquet(p.out / "table.parquet", index=False)
-        bar_chart(table, records, f"{p.cfg.data.dataset} val {metric}", p.out / "table.png")
+        measured = f"{p.cfg.data.dataset} val {metric.removeprefix('val_')}"
+        bar_chart(table, records, measured, p.out / "table.png")
         p.tracker.log_artifacts([p.out / n for n in ("table.md", "table.parquet", "table.png")])
         print((p.out / "table.md").read_text(), file=sys.stderr)
 
