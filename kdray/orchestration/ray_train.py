@@ -34,6 +34,12 @@ from kdray.config import ExperimentConfig, from_dict, to_dict
 from kdray.train import FitResult, fit, load_checkpoint, seed_everything, write_outputs
 
 _started_ray = False
+# A Ray that kdray starts for itself runs lean: no prestarted idle workers, no metrics export,
+# no usage stats, and no dashboard unless KDRAY_RAY_DASHBOARD=1. Ray's own processes then use 1.9 % of one core
+# at idle instead of 5.3 % (bench/RESULTS.md, section 1b), which on a 2-core machine is taken
+# from training. A user's own setting of these variables wins.
+LEAN_LOCAL_RAY = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_metrics_collection": "0",
+                  "RAY_USAGE_STATS_ENABLED": "0"}
 # How a Ray worker's DataLoader starts its processes: not fork (Ray's docs on torch
 # DataLoaders inside Ray workers; a forked child inherits Ray's threads and gRPC state).
 LOADER_START = "forkserver"
@@ -47,7 +53,8 @@ def ensure_ray() -> None:
     raylet, object manager, dashboard and its agent) listens on 127.0.0.1 only
     (:func:`loopback_only`). A Ray that the caller initialised (tests, notebooks) is used as it
     is. The workers' own output (Ray Train's status lines, its report dumps) reaches this
-    console only with ``--verbose``: kdray's progress comes through :func:`fit_on_ray`.
+    console only with ``--verbose``: kdray's progress comes through :func:`fit_on_ray`. A
+    local Ray runs lean (:data:`LEAN_LOCAL_RAY`; the dashboard with ``KDRAY_RAY_DASHBOARD=1``).
     """
     global _started_ray
     import logging
@@ -58,10 +65,19 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":
+    local = address == "local"
+    if local:
         loopback_only()
-    ray.init(address=address, log_to_driver=verbose(),
-             logging_level=logging.INFO if verbose() else logging.ERROR)
+    lean = {k: v for k, v in LEAN_LOCAL_RAY.items() if local and k not in os.environ}
+    os.environ.update(lean)   # read by the daemons ray.init starts (and their workers)
+    try:
+        ray.init(address=address, log_to_driver=verbose(),
+                 logging_level=logging.INFO if verbose() else logging.ERROR,
+                 include_dashboard=(os.environ.get("KDRAY_RAY_DASHBOARD") == "1") if local
+                 else None)
+    finally:
+        for k in lean:
+            del os.environ[k]
     _started_ray = True
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -58,25 +59,68 @@ def _pids_under(text: str) -> set[int]:
     return pids
 
 
-def test_local_ray_started_by_kdray_listens_on_loopback_only():
+@contextmanager
+def _kdray_local_ray(**env_extra):
+    """``ensure_ray()`` in a child process with its own Ray temp dir; yields (child, temp dir)
+    once Ray is up. The child prints the LEAN_LOCAL_RAY variables left in its environment."""
     ray_tmp = tempfile.mkdtemp(prefix="kb-")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, **env_extra}
     env.pop("RAY_ADDRESS", None)
-    code = ("import time; from kdray.orchestration.ray_train import ensure_ray; ensure_ray(); "
-            "print('up', flush=True); time.sleep(120)")
+    code = ("import os, time; from kdray.orchestration.ray_train import LEAN_LOCAL_RAY, "
+            "ensure_ray; ensure_ray(); "
+            "print('up', sorted(k for k in LEAN_LOCAL_RAY if k in os.environ), flush=True); "
+            "time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert proc.stdout.readline().strip() == "up", proc.stderr.read()[-2000:]
+        line = proc.stdout.readline().strip()
+        assert line.startswith("up"), proc.stderr.read()[-2000:]
+        proc.first_line = line
         time.sleep(3)   # the dashboard agent and the runtime-env agent open theirs a bit later
-        sockets = _listening(_pids_under(ray_tmp) | {proc.pid})
-        assert len(sockets) >= 5, sockets          # GCS, raylet, object manager, agents, ...
-        exposed = [(pid, ip) for pid, ip in sockets if ip not in LOOPBACK]
-        assert not exposed, exposed
+        yield proc, ray_tmp
     finally:
         proc.kill()
         proc.wait()
         kill_ray_under(ray_tmp)
+
+
+def _cmdlines(pids: set[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return out
+
+
+def test_local_ray_started_by_kdray_listens_on_loopback_only():
+    with _kdray_local_ray(KDRAY_RAY_DASHBOARD="1") as (proc, ray_tmp):  # every port there is
+        sockets = _listening(_pids_under(ray_tmp) | {proc.pid})
+        assert len(sockets) >= 5, sockets          # GCS, raylet, object manager, agents, ...
+        exposed = [(pid, ip) for pid, ip in sockets if ip not in LOOPBACK]
+        assert not exposed, exposed
+
+
+def test_local_ray_started_by_kdray_runs_lean():
+    """No dashboard web UI or modules (unless KDRAY_RAY_DASHBOARD=1; Ray keeps a frontend-less
+    head process either way), and the raylet got the lean settings; the driver's own environment
+    is left as it was."""
+    def dashboards(ray_tmp):
+        return [c for c in _cmdlines(_pids_under(ray_tmp)) if "dashboard/dashboard.py" in c]
+
+    with _kdray_local_ray() as (proc, ray_tmp):
+        pids = _pids_under(ray_tmp)
+        assert all("--disable-frontend" in c for c in dashboards(ray_tmp))
+        assert not [c for c in _cmdlines(pids) if c.startswith("ray-dashboard-")]
+        raylet = [p for p in pids if "raylet/raylet" in " ".join(_cmdlines({p}))]
+        assert len(raylet) == 1
+        environ = Path(f"/proc/{raylet[0]}/environ").read_bytes().split(b"\0")
+        assert b"RAY_prestart_worker_first_driver=0" in environ
+        assert b"RAY_enable_metrics_collection=0" in environ
+        assert proc.first_line == "up []"
+    with _kdray_local_ray(KDRAY_RAY_DASHBOARD="1") as (proc, ray_tmp):
+        assert [c for c in dashboards(ray_tmp) if "--disable-frontend" not in c]
 
 
 def test_cluster_file_keeps_mlflow_on_loopback_and_pins_uv():
