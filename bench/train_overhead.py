@@ -16,6 +16,9 @@ Per side, from runs of ``--epochs`` and of 1 epoch:
 - a demo epoch (``data.synth.train`` persons) at those rates: plain / Ray time = the ratio the
   goal (>= 0.97) is about.
 
+Ray starts as kdray starts its local Ray (ray_train.LEAN_LOCAL_RAY, no dashboard);
+``--ray-defaults`` starts it with Ray's defaults instead.
+
     python bench/train_overhead.py                    # 1024 persons, 1 and 3 epochs, ~2 min
     python bench/train_overhead.py --persons 1536 --repeats 3     # ~5 min, epochs of ~6 s
 
@@ -74,6 +77,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=3, help="the longer run (>= 2)")
     ap.add_argument("--cpus", type=int, default=2, help="torch threads = Ray worker CPUs")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--ray-defaults", action="store_true",
+                    help="start Ray with its defaults (dashboard, metrics, idle workers) "
+                         "instead of the lean local Ray that kdray starts")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = ap.parse_args(argv)
     os.environ.setdefault("KDRAY_PROGRESS", "0")   # no progress bars in the bench output
@@ -88,8 +94,10 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="kdray-overhead-"))
     inputs = {"teacher": teacher_checkpoint(cfg, work)}
     import ray
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=args.cpus)   # started once, outside the timings
+    if not ray.is_initialized():   # started once, outside the timings
+        lean = {} if args.ray_defaults else ray_train.LEAN_LOCAL_RAY
+        os.environ.update(lean)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=args.ray_defaults)
     outside = {"plain": {1: [], args.epochs: []}, "ray": {1: [], args.epochs: []}}
     ips = {"plain": [], "ray": []}
     for rep in range(args.repeats):
