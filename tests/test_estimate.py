@@ -24,16 +24,18 @@ def fake_timer(model, size, t, train, joints):
 
 def test_stage_seconds_by_hand():
     cfg = load_config(REPO / "configs" / "demo.yaml")   # teacher 10 ep, students 8, GCN 4
-    n, v, su = 4000, 500, estimate.STARTUP_S
-    # teacher: 10 epochs x 4000 x 3 ms; evaluations at epochs 5 and 10: 2 x 500 x 2 (flip) x 1 ms
+    n, v, su, ld = 4000, 500, estimate.STARTUP_S, estimate.LOAD_S
+    # teacher: 10 epochs x 4000 x (3 ms + loading); evaluations at epochs 5 and 10:
+    # 2 x 500 x 2 (flip) x 1 ms
     got = estimate.stage_seconds(TEACHER, cfg, n, v, timer=fake_timer)
-    assert math.isclose(got, su + 10 * n * 3e-3 + 2 * v * 2 * 1e-3)
-    # stage 1: 8 epochs x 4000 x (1 ms student step + 1 ms teacher forward); evals at 4 and 8
+    assert math.isclose(got, su + 10 * n * (3e-3 + ld) + 2 * v * 2 * 1e-3)
+    # stage 1: 8 epochs x 4000 x (1 ms student step + 1 ms teacher forward + loading); evals
+    # at 4 and 8
     got = estimate.stage_seconds(TSD_STUDENT, cfg, n, v, timer=fake_timer)
-    assert math.isclose(got, su + 8 * n * (1e-3 + 1e-3) + 2 * v * 2 * 2e-4)
+    assert math.isclose(got, su + 8 * n * (1e-3 + 1e-3 + ld) + 2 * v * 2 * 2e-4)
     # the baseline has no teacher to run
     got = estimate.stage_seconds(TSD_STUDENT, baseline_config(cfg), n, v, timer=fake_timer)
-    assert math.isclose(got, su + 8 * n * 1e-3 + 2 * v * 2 * 2e-4)
+    assert math.isclose(got, su + 8 * n * (1e-3 + ld) + 2 * v * 2 * 2e-4)
     # refinement: the frozen student and teacher once over the train set; GCN evals at 2 and 4
     got = estimate.stage_seconds(TSD_REFINED, cfg, n, v, timer=fake_timer)
     assert math.isclose(got, su + n * (2e-4 + 1e-3) * estimate.REFINE_OVERHEAD

@@ -4,12 +4,16 @@ A few timed training steps (forward, SimCC loss, backward, Adam) and forward pas
 network at its input size and batch, on random images and in the fast paths training uses
 (channels_last on CPU), give seconds per sample on this CPU or GPU. A stage then costs
 
-    epochs x train persons x (its network's train step + the frozen inputs' forward passes)
+    epochs x train persons x (its network's train step + the frozen inputs' forward passes
+                              + loading one sample)
     + evaluations x val persons x 2 (flip test) x its network's forward pass
     + a fixed start-up (Ray Train's worker group, the loaders, the checkpoints)
 
 and a refinement stage runs its frozen networks once over the training set (the frozen-output
-cache) and then trains only the GCN, which costs little. It is a guide, shown with "~": the
+cache, written to Parquet) and then trains only the GCN on it: REFINE_OVERHEAD x that pass. The
+constants were fitted to the demo's stages on a 2-core CPU (README, "The demo"): there the
+estimate came within 8 % of each stage's wall time and 7 % of the whole run before the GCN's
+constant was raised from 5 to 8. It is a guide, shown with "~": the
 data loader, other jobs on the machine and the stage cache (a finished stage takes no time) make
 the real run differ; the pipeline's last line puts the estimate beside the wall time.
 """
@@ -21,8 +25,9 @@ from functools import lru_cache
 from kdray.config import ExperimentConfig, ModelConfig, TrainConfig
 from kdray.stages import Refinement, Stage
 
-STARTUP_S = 15.0   # Ray Train start-up + loaders + checkpoints per stage, measured: 12-16 s here
-REFINE_OVERHEAD = 1.5   # the GCN's epochs over the frozen outputs, relative to building them
+STARTUP_S = 20.0   # Ray Train start-up, loaders, checkpoints, plots per stage: 17-23 s measured
+LOAD_S = 0.5e-3    # one sample read and augmented by the loader process beside the compute
+REFINE_OVERHEAD = 8.0   # frozen-output cache (Parquet) + the GCN's epochs, over one forward pass
 STEPS = 3          # timed steps per network after one warm-up step
 
 
@@ -95,7 +100,7 @@ def stage_seconds(stage: Stage, cfg: ExperimentConfig, n_train: int, n_val: int,
         train = n_train * (fwd(model, size) + teacher_fwd) * REFINE_OVERHEAD
     else:
         step = timer(model, size, t, True, joints)
-        train = t.epochs * n_train * (step + teacher_fwd)
+        train = t.epochs * n_train * (step + teacher_fwd + LOAD_S)
     evals = _evaluations(t.epochs, t.eval_every) * n_val * 2 * fwd(model, size)
     return STARTUP_S + train + evals
 

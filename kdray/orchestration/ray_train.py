@@ -35,9 +35,9 @@ from kdray.train import FitResult, fit, load_checkpoint, seed_everything, write_
 
 _started_ray = False
 # A Ray that kdray starts for itself runs lean: no prestarted idle workers, no metrics export,
-# no usage stats, and no dashboard unless KDRAY_RAY_DASHBOARD=1. Ray's own processes then use 1.9 % of one core
-# at idle instead of 5.3 % (bench/RESULTS.md, section 1b), which on a 2-core machine is taken
-# from training. A user's own setting of these variables wins.
+# no usage stats, and no dashboard unless KDRAY_RAY_DASHBOARD=1. Ray's own processes then use
+# 1.8 % of one core at idle instead of 4.0 % (bench/ray_daemons.py, bench/RESULTS.md 1b), CPU
+# that a 2-core machine takes from training. A user's own setting of these variables wins.
 LEAN_LOCAL_RAY = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_metrics_collection": "0",
                   "RAY_USAGE_STATS_ENABLED": "0"}
 # How a Ray worker's DataLoader starts its processes: not fork (Ray's docs on torch
