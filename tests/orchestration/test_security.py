@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from kdray.orchestration.ray_train import LEAN_LOCAL_RAY
+
 from .conftest import REPO, kill_ray_under
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -76,6 +78,7 @@ def _kdray_local_ray(**env_extra):
         line = proc.stdout.readline().strip()
         assert line.startswith("up"), proc.stderr.read()[-2000:]
         proc.first_line = line
+        proc.preset = sorted(k for k in LEAN_LOCAL_RAY if k in env)   # the user's own, kept
         time.sleep(3)   # the dashboard agent and the runtime-env agent open theirs a bit later
         yield proc, ray_tmp
     finally:
@@ -118,7 +121,7 @@ def test_local_ray_started_by_kdray_runs_lean():
         environ = Path(f"/proc/{raylet[0]}/environ").read_bytes().split(b"\0")
         assert b"RAY_prestart_worker_first_driver=0" in environ
         assert b"RAY_enable_metrics_collection=0" in environ
-        assert proc.first_line == "up []"
+        assert proc.first_line == f"up {proc.preset}"     # the driver's environment as it was
     with _kdray_local_ray(KDRAY_RAY_DASHBOARD="1") as (proc, ray_tmp):
         assert [c for c in dashboards(ray_tmp) if "--disable-frontend" not in c]
 
