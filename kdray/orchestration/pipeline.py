@@ -180,10 +180,8 @@ class Pipeline:
         for the pipeline's) will take on this machine, from a few timed steps of each network
         (kdray/orchestration/estimate.py). Returns the seconds."""
         from kdray.orchestration.estimate import expected_seconds
-        from kdray.stage_run import load_records
-        train, val, spec = load_records(self.cfg)
         plan = [(s, self.cfg if c is None else resolve_config(c, self.storage)) for s, c in plan]
-        secs = expected_seconds(plan, len(train), len(val), spec.num_joints)
+        secs = expected_seconds(plan, *_persons(self.cfg))
         self.expected = sum(secs)
         parts = ", ".join(f"{s.name} ~{clock(x)}" for (s, _), x in zip(plan, secs))
         log(f"{self.name}: expected ~{clock(self.expected)} on this machine ({parts}; measured "
@@ -377,6 +375,19 @@ class Pipeline:
         ui = f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1"
         lines.append(f"  MLflow run {self.run_id}: {ui}")
         return "\n".join(lines)
+
+
+def _persons(cfg: ExperimentConfig) -> tuple[int, int, int]:
+    """(train persons, val persons, joints): SynthPose's from its config (check_generated holds
+    the files to it), a real dataset's by reading its annotations."""
+    from kdray.data.keypoints import spec_for
+    d = cfg.data
+    if d.dataset == "synthpose":
+        train = min(d.synth.train, d.max_train) if d.max_train else d.synth.train
+        return train, d.synth.val, spec_for(d.dataset).num_joints
+    from kdray.stage_run import load_records
+    train, val, spec = load_records(cfg)
+    return len(train), len(val), spec.num_joints
 
 
 def _num(value) -> str:
