@@ -36,7 +36,7 @@ if __name__ == "__main__":   # --help answers before torch, Ray and MLflow load
 
 from kdray.config import dump_yaml, with_overrides
 from kdray.orchestration.pipeline import Pipeline, parse_args, primary_metric
-from kdray.orchestration.search_space import load_space
+from kdray.orchestration.search_space import load_space, metric_mode
 from kdray.stages import TEACHER, TSD_REFINED, TSD_STUDENT
 from kdray.orchestration.tune import close_trial_runs, frozen_outputs, sweep, uses_frozen_cache
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         trials = close_trial_runs(p, results)
         table = p.out / "trials.csv"
         results.get_dataframe().to_csv(table, index=False)
-        best = results.get_best_result(metric, "max")
+        best = results.get_best_result(metric, metric_mode(metric))
         best_id = best.metrics["trial_id"]
         best_cfg = with_overrides(p.cfg, space.overrides(best.config, p.cfg), "<best trial>")
         dump_yaml(best_cfg, p.out / "best_config.yaml")
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         train = sum(t["train_seconds"] for t in trials.values())
         metrics = {f"best_{metric}": best.metrics[metric], "trials": float(len(trials)),
                    "trials_finished": float(sum(t["finished"] for t in trials.values())),
+                   "trials_stopped": float(sum(t["stopped"] for t in trials.values())),
                    "sweep_seconds": round(wall, 1), "trial_train_seconds": round(train, 1),
                    "overhead_ratio": round(wall / max(train, 1e-9), 3)}
         return p.finish(metrics, {"best_config": str(p.out / "best_config.yaml"),

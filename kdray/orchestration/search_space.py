@@ -4,6 +4,7 @@ A file names the stage each trial trains and its parameters::
 
     stage: cdkd                          # teacher | student | gcn | cdkd
     metric: val_AP                       # optional; default: the dataset's primary val metric
+                                         # (val_err_* joint errors are minimised)
     params:
       cdkd.projectors: {int: [1, 5]}
       cdkd.alpha: {loguniform: [0.1, 10.0]}
@@ -146,20 +147,28 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
     reported = reported_metrics(base)
     if metric and metric not in reported:   # Tune would wait for a metric no trial reports
         raise ConfigError(f"{source}: metric: {metric!r} is not a metric the {stage} stage "
-                          f"reports on {base.data.dataset} (higher is better): one of "
-                          f"{', '.join(reported)}")
+                          f"reports on {base.data.dataset}: one of {', '.join(reported)}")
     return SearchSpace(source, STAGES[stage], str(metric), tuple(params))
 
 
 def reported_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
-    """What every trial reports that a sweep can maximise: ``val_`` + the evaluator's keys
-    (kdray.train.fit, kdray.eval.runner.score; SynthPose adds the CrowdPose crowd buckets).
-    The joint errors ``val_err_*`` are lower-is-better, so not among them."""
+    """What every trial reports that a sweep can optimise: ``val_`` + the evaluator's keys
+    (kdray.train.fit, kdray.eval.runner.score; SynthPose adds the CrowdPose crowd buckets),
+    and the joint errors ``val_err_visible``/``val_err_occluded`` of the keypoint datasets
+    (lower is better: :func:`metric_mode`)."""
     from kdray.data.keypoints import MPII_PCKH_GROUPS
     from kdray.eval.coco import BUCKET_KEYS, COCO_KEYS, CROWDPOSE_KEYS
-    keys = {"coco": COCO_KEYS, "synthpose": COCO_KEYS + BUCKET_KEYS, "crowdpose": CROWDPOSE_KEYS,
+    errors = ("err_visible", "err_occluded")
+    keys = {"coco": COCO_KEYS + errors, "synthpose": COCO_KEYS + BUCKET_KEYS + errors,
+            "crowdpose": CROWDPOSE_KEYS + errors,
             "mpii": (*MPII_PCKH_GROUPS, "Mean")}[cfg.data.dataset]
     return tuple(f"val_{k}" for k in keys)
+
+
+def metric_mode(metric: str) -> str:
+    """Tune's and Optuna's ``mode`` for a reported metric: joint errors are minimised, AP and
+    PCKh maximised."""
+    return "min" if metric.startswith("val_err_") else "max"
 
 
 def _param(source: str, key: str, spec, base: ExperimentConfig,

@@ -4,7 +4,7 @@ One trial = one stage run (docs/architecture.md, "Orchestration"). The trial fun
 the stage with the sampled config and fits it: in its Tune actor when the stage uses one worker
 (or none), on its own ``TorchTrainer`` (``TuneReportCallback``) when ``ray.num_workers > 1``.
 Optuna's TPE samples the define-by-run space; ASHA stops weak trials on the val metric
-(``time_attr = epoch``); at most as many trials run at once as the cluster's CPUs (GPUs) hold.
+(``time_attr = epoch``; AP or PCKh is maximised, a ``val_err_*`` joint error minimised); at most as many trials run at once as the cluster's CPUs (GPUs) hold.
 The Tuner's state lives in ``<out>/tune/``: ``--resume`` restores it (``Tuner.restore``),
 finished trials stay finished and an interrupted trial continues from the last checkpoint in its
 own folder ``<out>/trials/<trial_id>/``, whose ``attempts.jsonl`` records every start. Each
@@ -21,7 +21,7 @@ from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
 from kdray.console import log
 from kdray.orchestration import ray_train
 from kdray.orchestration.tracking import Tracker, numeric, warn
-from kdray.orchestration.search_space import SearchSpace, define_by_run, make_sampler
+from kdray.orchestration.search_space import SearchSpace, define_by_run, make_sampler, metric_mode
 from kdray.stages import TSD_REFINED
 
 # A GCN trial can read the frozen networks' cached outputs unless it changes what they are.
@@ -176,7 +176,6 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
     """Run (or resume) the Tuner; its ResultGrid. Each trial is a child run of ``tracker``."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     ray_train.ensure_ray()
@@ -193,22 +192,58 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
         return fit_quietly(tuner)
     epochs = space.stage.train(cfg).epochs
     concurrent = max_concurrent(ray.cluster_resources(), cpus, gpus)
+    mode = metric_mode(metric)
     log(f"sweep over {len(space.params)} parameters of stage {space.stage.name}: {num_samples} "
-        f"trials, at most {concurrent} at once, ASHA on {metric} over {epochs} epochs")
-    searcher = OptunaSearch(space=define_by_run(space), metric=metric, mode="max",
+        f"trials, at most {concurrent} at once, ASHA on {metric} ({mode}imised) over {epochs} "
+        f"epochs")
+    searcher = OptunaSearch(space=define_by_run(space), metric=metric, mode=mode,
                             sampler=make_sampler(seed),   # the seed lives on the sampler
                             points_to_evaluate=space.grid_points() or None)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=metric, mode="max", search_alg=searcher, num_samples=num_samples,
-            max_concurrent_trials=concurrent, reuse_actors=True,  # no per-trial imports
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs,
-                                    grace_period=min(epochs, space.stage.train(cfg).eval_every),
-                                    reduction_factor=2, stop_last_trials=False)),
+            metric=metric, mode=mode, search_alg=searcher, num_samples=num_samples,
+            max_concurrent_trials=concurrent,
+            # Reused actors save each 1-worker trial its imports. A multi-worker trial's actor
+            # owns its TorchTrainer's controller and workers: a trial ASHA stops must take its
+            # actor down with it, or its worker group keeps the CPUs the next trial waits for
+            # (measured: the next 2-worker trial waited forever in a reused actor).
+            reuse_actors=cfg.ray.num_workers <= 1,
+            scheduler=ResumableASHA(time_attr="epoch", max_t=epochs,
+                                  grace_period=min(epochs, space.stage.train(cfg).eval_every),
+                                  reduction_factor=2, stop_last_trials=False)),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
-                                  callbacks=[ProgressTable(metric, space)]))
+                                  callbacks=[ProgressTable(metric, space, epochs)]))
     return fit_quietly(tuner)
+
+
+def _asha_base():
+    from ray.tune.schedulers import ASHAScheduler
+    return ASHAScheduler
+
+
+class ResumableASHA(_asha_base()):
+    """ASHA whose rungs survive ``--resume``. Tune restores the trials of a killed sweep but
+    not its scheduler's state (``Tuner.restore`` unpickles the scheduler as it was at the
+    start; nothing calls its save/restore), so the rungs would start empty and a trial would
+    only be compared with those that report after the restart. Each trial that comes back
+    with a history (its ``result.json``) replays it into its bracket, which rebuilds the rungs
+    exactly: a rung holds each trial's first result at or past its milestone, whatever the
+    order of the trials."""
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        if not trial.has_reported_at_least_once:  # a new trial (no folder of its own yet)
+            return
+        history = next((Path(d) / "result.json" for d in (trial.path, trial.local_path)
+                        if d and (Path(d) / "result.json").exists()), None)
+        if history is None:
+            return
+        bracket = self._trial_info[trial.trial_id]
+        for line in history.read_text().splitlines():
+            r = json.loads(line)
+            if isinstance(r.get(self._metric), (int, float)) and self._time_attr in r:
+                bracket.on_result(trial, r[self._time_attr], self._metric_op * r[self._metric])
 
 
 def fit_quietly(tuner):
@@ -230,7 +265,6 @@ def fit_quietly(tuner):
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
-
 def _progress_table_base():
     from ray.tune import Callback
     return Callback
@@ -239,8 +273,9 @@ def _progress_table_base():
 class ProgressTable(_progress_table_base()):
     """A compact table of the trials on stderr whenever one finishes (or every 30 s)."""
 
-    def __init__(self, metric: str, space: SearchSpace, every_s: float = 30.0):
+    def __init__(self, metric: str, space: SearchSpace, epochs: int, every_s: float = 30.0):
         self.metric, self.keys, self.every_s = metric, [p.key for p in space.params], every_s
+        self.epochs = epochs
         self.last: dict[str, dict] = {}
         self.printed = 0.0
 
@@ -257,15 +292,21 @@ class ProgressTable(_progress_table_base()):
         short = [k.split(".")[-1] for k in self.keys]
         lines = [f"{'trial':10} {'status':10} {'epoch':>5} {self.metric:>9}  " + " ".join(
             f"{s:>10}" for s in short)]
-        for t in trials:
-            r = self.last.get(t.trial_id, {})
+        done = stopped = 0
+        for t in trials:   # a trial restored by --resume: its last result from before
+            r = self.last.get(t.trial_id) or t.last_result or {}
             m = r.get(self.metric)
+            status = t.status
+            if status == "TERMINATED" and int(r.get("epoch", 0)) < self.epochs:
+                status, stopped = "STOPPED", stopped + 1    # by ASHA, before its last epoch
+            else:
+                done += status == "TERMINATED"
             vals = [t.config.get(k, "-") for k in self.keys]
-            lines.append(f"{t.trial_id:10} {t.status:10} {int(r.get('epoch', 0)):>5} "
+            lines.append(f"{t.trial_id:10} {status:10} {int(r.get('epoch', 0)):>5} "
                          f"{m if m is None else round(m, 3)!s:>9}  " + " ".join(
                              f"{_fmt(v):>10}" for v in vals))
-        done = sum(t.status == "TERMINATED" for t in trials)
-        log(f"sweep progress: {done}/{len(trials)} trials finished\n" + "\n".join(lines))
+        log(f"sweep progress: {done}/{len(trials)} trials finished, {stopped} stopped by ASHA\n"
+            + "\n".join(lines))
 
 
 def _fmt(v) -> str:
@@ -289,6 +330,7 @@ def close_trial_runs(p, results) -> dict[str, dict]:
             run.set_tags({"kdray.early_stopped": "true"})
             run.close("KILLED")
         trials[tid] = {"run_id": run_id, "dir": tdir, "finished": finished,
+                       "stopped": bool(run_id) and not finished and r.error is None,
                        "train_seconds": float(r.metrics.get("train_seconds", 0.0)),
                        "attempts": len(read_attempts(tdir))}
     # A sweep killed mid-trial can leave a child run for a trial its last saved Tune state did

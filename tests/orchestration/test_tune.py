@@ -4,12 +4,19 @@ resumed with --resume.
 
 How the resume test sees that the finished trial is not rerun: every start of a trial function
 appends a line to ``<out>/trials/<trial_id>/attempts.jsonl``; the trial that had finished
-before the kill still has exactly one line after the resumed sweep, and all four trials end
-finished.
+before the kill still has exactly one line after the resumed sweep.
+
+The swept space is search_spaces/cdkd.yaml plus a learning-rate grid of 3e-3 and 0 (a trial
+that cannot learn), minimising the visible-joint error over 2 epochs: ASHA stops the lr-0
+trials at epoch 1 (smoke AP ties at 0 and would stop none). Trials run one at a time: the
+grid's first point finishes before the kill, so when the lr-0 trial that follows starts after
+the kill, it is stopped only if the resumed sweep's ASHA remembers the first
+(tune.ResumableASHA).
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 from pathlib import Path
@@ -19,7 +26,8 @@ import pytest
 import yaml
 
 from kdray.config import ConfigError, load_config
-from kdray.orchestration.search_space import define_by_run, load_space, make_sampler
+from kdray.orchestration.search_space import (define_by_run, load_space, make_sampler,
+                                               metric_mode)
 
 from .conftest import FAST, REPO, SMOKE, load_script, run_then_kill
 
@@ -59,6 +67,22 @@ def test_invalid_space_names_file_and_key(tmp_path, params, message):
     with pytest.raises(ConfigError) as e:
         load_space(path, load_config(SMOKE))
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+
+
+def test_sweep_metric_is_checked_and_joint_errors_are_minimised(tmp_path):
+    cfg = load_config(SMOKE)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"stage": "cdkd", "metric": "val_err_visible",
+                                    "params": {"cdkd.alpha": {"uniform": [0.5, 2.0]}}}))
+    assert load_space(path, cfg).metric == "val_err_visible"
+    assert (metric_mode("val_err_visible"), metric_mode("val_AP")) == ("min", "max")
+    path.write_text(yaml.safe_dump({"stage": "cdkd", "metric": "val_loss",
+                                    "params": {"cdkd.alpha": {"uniform": [0.5, 2.0]}}}))
+    with pytest.raises(ConfigError) as e:
+        load_space(path, cfg)
+    assert str(e.value).startswith(f"{path}: metric: 'val_loss' is not a metric the cdkd stage "
+                                   "reports on synthpose: one of val_AP,"), str(e.value)
+    assert "val_err_visible" in str(e.value)
 
 
 def test_unknown_stage_is_refused(tmp_path):
@@ -141,8 +165,13 @@ def _finished_in_state(tune_dir: Path) -> bool:
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, smoke_data, ray_local):
     storage = tmp_path_factory.mktemp("sweep")
-    argv = [str(REPO / "search_spaces" / "cdkd.yaml"), "--config", str(SMOKE), "--storage",
-            str(storage), "--num-samples", "4", *FAST, f"data.root={smoke_data}"]
+    space = yaml.safe_load((REPO / "search_spaces" / "cdkd.yaml").read_text())
+    space["metric"] = "val_err_visible"
+    space["params"] = {"cdkd.student.train.lr": {"grid": [3.0e-3, 0.0]}, **space["params"]}
+    (storage / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    argv = [str(storage / "space.yaml"), "--config", str(SMOKE), "--storage", str(storage),
+            "--num-samples", "4", *FAST, f"data.root={smoke_data}",
+            "cdkd.student.train.epochs=2", "ray.cpus_per_worker=2"]   # one trial at a time
     out = storage / "runs" / "sweep"
     run_then_kill(SCRIPT, argv, storage, storage / "killed.log",
                   lambda: bool(list(out.glob("trials/*/result.json"))
@@ -160,11 +189,17 @@ def test_resume_completes_the_sweep_without_rerunning_finished_trials(resumed):
     summary, out = resumed["summary"], resumed["out"]
     assert resumed["before"], "the first run was killed before any trial finished"
     assert "resuming the sweep" in resumed["err"]
-    attempts = summary["outputs"]["trial_attempts"]
-    assert len(attempts) == 4 and summary["metrics"]["trials_finished"] == 4.0
+    attempts, m = summary["outputs"]["trial_attempts"], summary["metrics"]
+    assert len(attempts) == 4
     for tid in resumed["before"]:
         assert attempts[tid] == 1, (tid, attempts)           # not started again
-    assert all((out / "trials" / t / "result.json").exists() for t in attempts)
+    lr = {row["trial_id"]: float(row["config/cdkd.student.train.lr"])
+          for row in csv.DictReader(open(summary["outputs"]["trials_csv"]))}
+    finished = {t for t in attempts if (out / "trials" / t / "result.json").exists()}
+    assert {t for t, v in lr.items() if v > 0} <= finished, (lr, finished)   # all that learnt
+    assert all(lr[t] == 0.0 for t in set(lr) - finished), (lr, finished)    # stopped: lr 0
+    assert m["trials_stopped"] == 4.0 - len(finished) >= 1.0, m
+    assert m["trials_finished"] == len(finished), m
 
 
 def test_sweep_writes_best_config_summary_and_mlflow_runs(resumed):
@@ -173,12 +208,16 @@ def test_sweep_writes_best_config_summary_and_mlflow_runs(resumed):
     line = [x for x in resumed["stdout"].splitlines() if x.startswith("{")][-1]
     assert json.loads(line) == summary == json.loads((out / "summary.json").read_text())
     best = load_config(summary["outputs"]["best_config"])     # a valid, complete config
-    assert 1 <= best.cdkd.projectors <= 5
+    assert 1 <= best.cdkd.projectors <= 5 and best.cdkd.student.train.lr == 3.0e-3
     m = summary["metrics"]
-    # training time summed over the trials (result.json: all attempts, the killed run's too);
-    # each figure is rounded to 0.1 s and the ratio to 3 decimals
-    trained = sum(json.loads((out / "trials" / t / "result.json").read_text())["train_seconds"]
-                  for t in summary["outputs"]["trial_attempts"])
+    # training time summed over the trials (all attempts, the killed run's too: result.json of
+    # a finished trial, the train_seconds at its last report of one ASHA stopped); each figure
+    # is rounded to 0.1 s and the ratio to 3 decimals
+    def seconds(trial: Path) -> float:
+        if (trial / "result.json").exists():
+            return json.loads((trial / "result.json").read_text())["train_seconds"]
+        return float((trial / "train_seconds").read_text())
+    trained = sum(seconds(out / "trials" / t) for t in summary["outputs"]["trial_attempts"])
     assert m["trials"] == 4.0 and m["trial_train_seconds"] == pytest.approx(trained, abs=0.051)
     # sweep_seconds is rounded to 0.1 s (a resumed sweep with nothing left may take 0.04 s)
     assert m["overhead_ratio"] == pytest.approx(m["sweep_seconds"] / m["trial_train_seconds"],
@@ -191,9 +230,13 @@ def test_sweep_writes_best_config_summary_and_mlflow_runs(resumed):
     trials = {r.data.tags["kdray.trial_id"] for r in children if "kdray.trial_id" in r.data.tags
               and "kdray.orphaned" not in r.data.tags}
     assert trials == set(summary["outputs"]["trial_attempts"])     # one child run per trial
+    stopped = {t for t in trials if not (out / "trials" / t / "result.json").exists()}
+    assert stopped
     for r in children:   # a trial killed before Tune saved it: closed, never left RUNNING
         if "kdray.orphaned" in r.data.tags:
             assert r.info.status != "RUNNING" and r.data.tags["kdray.trial_id"] not in trials
+        elif r.data.tags.get("kdray.trial_id") in stopped:    # stopped by ASHA: closed KILLED
+            assert r.info.status == "KILLED" and r.data.tags["kdray.early_stopped"] == "true"
     name, version = summary["outputs"]["candidate"].removeprefix("models:/").split("/")
     assert str(client.get_model_version_by_alias(name, "candidate").version) == version
     with pytest.raises(Exception):
