@@ -4,7 +4,9 @@ One trial = one stage run (docs/architecture.md, "Orchestration"). The trial fun
 the stage with the sampled config and fits it: in its Tune actor when the stage uses one worker
 (or none), on its own ``TorchTrainer`` (``TuneReportCallback``) when ``ray.num_workers > 1``.
 Optuna's TPE samples the define-by-run space; ASHA stops weak trials on the val metric
-(``time_attr = epoch``; AP or PCKh is maximised, a ``val_err_*`` joint error minimised); at most as many trials run at once as the cluster's CPUs (GPUs) hold.
+(``time_attr = epoch``; AP or PCKh is maximised, a ``val_err_*`` joint error minimised) and
+keeps its rungs across ``--resume`` (:class:`ResumableASHA`); at most as many trials run at once
+as the cluster's CPUs (GPUs) hold.
 The Tuner's state lives in ``<out>/tune/``: ``--resume`` restores it (``Tuner.restore``),
 finished trials stay finished and an interrupted trial continues from the last checkpoint in its
 own folder ``<out>/trials/<trial_id>/``, whose ``attempts.jsonl`` records every start. Each
@@ -21,7 +23,8 @@ from kdray.config import ExperimentConfig, from_dict, to_dict, with_overrides
 from kdray.console import log
 from kdray.orchestration import ray_train
 from kdray.orchestration.tracking import Tracker, numeric, warn
-from kdray.orchestration.search_space import SearchSpace, define_by_run, make_sampler, metric_mode
+from kdray.orchestration.search_space import (SearchSpace, define_by_run, make_sampler,
+                                               metric_mode)
 from kdray.stages import TSD_REFINED
 
 # A GCN trial can read the frozen networks' cached outputs unless it changes what they are.
@@ -210,8 +213,8 @@ def sweep(space: SearchSpace, cfg: ExperimentConfig, *, out: Path, inputs: dict[
             # (measured: the next 2-worker trial waited forever in a reused actor).
             reuse_actors=cfg.ray.num_workers <= 1,
             scheduler=ResumableASHA(time_attr="epoch", max_t=epochs,
-                                  grace_period=min(epochs, space.stage.train(cfg).eval_every),
-                                  reduction_factor=2, stop_last_trials=False)),
+                                    grace_period=min(epochs, space.stage.train(cfg).eval_every),
+                                    reduction_factor=2, stop_last_trials=False)),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
                                   callbacks=[ProgressTable(metric, space, epochs)]))
     return fit_quietly(tuner)
