@@ -6,8 +6,8 @@ and a sweep whose driver is killed after its first finished trial completes with
 The sweep minimises the visible-joint error: on the smoke config every trial's val_AP after 1-2
 epochs is 0.0, a tie that ASHA never breaks. The grid pits lr 3e-3 against lr 0 (a trial that
 cannot learn): measured at epoch 1, joint error 33 against 98 (% of the box size). Ray Train's
-controller hands reports to Tune every 2 s, so a trial has 12 epochs: ASHA's stop reaches it
-while it still trains, as it does on real data, where an epoch takes minutes."""
+controller hands reports to Tune at its polls (0.5-2 s apart), so a trial has 12 epochs: ASHA's
+stop reaches it while it still trains, as it does on real data, where an epoch takes minutes."""
 from __future__ import annotations
 
 import contextlib
