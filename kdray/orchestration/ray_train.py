@@ -42,7 +42,8 @@ LEAN_LOCAL_RAY = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_metrics_c
                   "RAY_USAGE_STATS_ENABLED": "0"}
 # Ray Train's controller polls its workers every 2 s by default, and a stage waits for a poll
 # at each turn: the worker group up, each report collected, the run over. Polling every 0.5 s
-# took ~4 s off the end of every stage (smoke two_stage: 1:00 -> 0:44; bench/RESULTS.md 1c).
+# took ~4 s off a 1-epoch stage's end (smoke two_stage 1:00 -> 0:45), ~1 s off each demo stage,
+# and costs the training step nothing measurable (bench/RESULTS.md 1c).
 # Ray propagates the variable from the driver to the controller; a user's own setting wins.
 CONTROLLER_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # How a Ray worker's DataLoader starts its processes: not fork (Ray's docs on torch

@@ -91,10 +91,14 @@ def find_version(uri: str, name: str, stage_key: str) -> str | None:
 
 
 def _beats(value: float, metric: str, val_set: str, champion) -> bool:
-    """Better than the champion on the same val set and metric (higher AP / PCKh is better)."""
+    """Better than the champion on the same val set and metric (higher AP / PCKh, lower joint
+    error: search_space.metric_mode)."""
+    from kdray.orchestration.search_space import metric_mode
     tags = champion.tags or {}
     if tags.get("val_set") != val_set or tags.get("metric") != metric:
         return False
+    if metric_mode(metric) == "min":
+        return float(value) < float(tags.get("metric_value", "inf"))
     return float(value) > float(tags.get("metric_value", "-inf"))
 
 

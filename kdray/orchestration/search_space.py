@@ -154,11 +154,12 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
 def reported_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
     """What every trial reports that a sweep can optimise: ``val_`` + the evaluator's keys
     (kdray.train.fit, kdray.eval.runner.score; SynthPose adds the CrowdPose crowd buckets),
-    and the joint errors ``val_err_visible``/``val_err_occluded`` of the keypoint datasets
-    (lower is better: :func:`metric_mode`)."""
+    and, evaluated on GT boxes, the joint errors ``val_err_visible``/``val_err_occluded`` of the
+    keypoint datasets (lower is better: :func:`metric_mode`)."""
     from kdray.data.keypoints import MPII_PCKH_GROUPS
     from kdray.eval.coco import BUCKET_KEYS, COCO_KEYS, CROWDPOSE_KEYS
-    errors = ("err_visible", "err_occluded")
+    # joint errors are scored against GT boxes only (kdray.eval.runner.score)
+    errors = () if cfg.data.val_boxes else ("err_visible", "err_occluded")
     keys = {"coco": COCO_KEYS + errors, "synthpose": COCO_KEYS + BUCKET_KEYS + errors,
             "crowdpose": CROWDPOSE_KEYS + errors,
             "mpii": (*MPII_PCKH_GROUPS, "Mean")}[cfg.data.dataset]

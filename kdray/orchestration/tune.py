@@ -226,13 +226,27 @@ def _asha_base():
 
 
 class ResumableASHA(_asha_base()):
-    """ASHA whose rungs survive ``--resume``. Tune restores the trials of a killed sweep but
-    not its scheduler's state (``Tuner.restore`` unpickles the scheduler as it was at the
-    start; nothing calls its save/restore), so the rungs would start empty and a trial would
-    only be compared with those that report after the restart. Each trial that comes back
-    with a history (its ``result.json``) replays it into its bracket, which rebuilds the rungs
-    exactly: a rung holds each trial's first result at or past its milestone, whatever the
-    order of the trials."""
+    """ASHA as kdray uses it: its rungs survive ``--resume``, and a trial's last epoch is never
+    stopped.
+
+    Tune restores the trials of a killed sweep but not its scheduler's state (``Tuner.restore``
+    unpickles the scheduler as it was at the start; nothing calls its save/restore), so the
+    rungs would start empty and a trial would only be compared with those that report after
+    the restart. Each trial that comes back with a history (the ``result.json`` Tune saved
+    before the kill) replays it into its bracket: a rung holds each trial's first result at or
+    past its milestone, whatever the order of the trials. (A trial resumed in a fresh Ray
+    session starts a new ``result.json``; a second ``--resume`` replays what that one holds.)
+
+    ASHA's top rung can be ``max_t`` itself (epochs = grace x 2^k): a stop there would only
+    lose the trial's final bookkeeping (its ``result.json``, its MLflow run closed FINISHED),
+    so the value is recorded and the trial goes on to finish."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get(self._time_attr, 0) >= self._max_t:
+            self._num_stopped -= 1
+            return self.CONTINUE
+        return action
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
@@ -244,7 +258,10 @@ class ResumableASHA(_asha_base()):
             return
         bracket = self._trial_info[trial.trial_id]
         for line in history.read_text().splitlines():
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except ValueError:      # a line cut short by the kill
+                continue
             if isinstance(r.get(self._metric), (int, float)) and self._time_attr in r:
                 bracket.on_result(trial, r[self._time_attr], self._metric_op * r[self._metric])
 
@@ -300,7 +317,8 @@ class ProgressTable(_progress_table_base()):
             r = self.last.get(t.trial_id) or t.last_result or {}
             m = r.get(self.metric)
             status = t.status
-            if status == "TERMINATED" and int(r.get("epoch", 0)) < self.epochs:
+            # (a sweep started before ProgressTable knew its epochs marks none)
+            if status == "TERMINATED" and 0 < int(r.get("epoch", 0)) < getattr(self, "epochs", 0):
                 status, stopped = "STOPPED", stopped + 1    # by ASHA, before its last epoch
             else:
                 done += status == "TERMINATED"
