@@ -68,6 +68,41 @@ def test_invalid_space_names_file_and_key(tmp_path, params, message):
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
 
 
+def test_resumable_asha_rebuilds_its_rungs_and_lets_the_last_epoch_finish(tmp_path,
+                                                                          ray_local):
+    """Real Tune trials and Ray's ASHA bracket: a restored trial's saved results fill the
+    rungs (plain ASHA would start them empty), so a new trial that is worse at epoch 1 stops,
+    and a trial's last epoch (ASHA's top rung here: max_t = 4) is never stopped."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from kdray.orchestration.tune import ResumableASHA
+
+    def trial(tid: str, history: tuple = ()) -> Trial:
+        t = Trial("run_trial", stub=True, trial_id=tid,
+                  storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="s"))
+        t.init_local_path()
+        if history:                 # what Tune saved of it before the kill
+            Path(t.path).mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps({"epoch": e, "val_err_visible": v}) for e, v in history]
+            Path(t.path, "result.json").write_text("\n".join(lines) + '\n{"epoch": 5, "val')
+            t.run_metadata.last_result = {"epoch": history[-1][0]}
+        return t
+
+    asha = ResumableASHA(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2,
+                         stop_last_trials=False)
+    asha.set_search_properties("val_err_visible", "min")
+    asha.on_trial_add(None, trial("old", ((1, 30.0), (2, 25.0), (3, 24.0), (4, 23.0))))
+    assert {m: r for m, r in asha._brackets[0]._rungs} == {
+        1: {"old": -30.0}, 2: {"old": -25.0}, 4: {"old": -23.0}}   # the cut line is skipped
+    worse, better = trial("worse"), trial("better")
+    for t in (worse, better):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, worse, {"epoch": 1, "val_err_visible": 90.0}) == "STOP"
+    assert [asha.on_trial_result(None, better, {"epoch": e, "val_err_visible": v})
+            for e, v in ((1, 20.0), (2, 20.0), (4, 99.0))] == ["CONTINUE"] * 3
+
+
 def test_sweep_metric_is_checked_and_joint_errors_are_minimised(tmp_path):
     cfg = load_config(SMOKE)
     path = tmp_path / "space.yaml"
