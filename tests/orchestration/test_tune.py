@@ -7,11 +7,13 @@ appends a line to ``<out>/trials/<trial_id>/attempts.jsonl``; the trial that had
 before the kill still has exactly one line after the resumed sweep.
 
 The swept space is search_spaces/cdkd.yaml plus a learning-rate grid of 3e-3 and 0 (a trial
-that cannot learn), minimising the visible-joint error over 2 epochs: ASHA stops the lr-0
-trial at epoch 1 (smoke AP ties at 0 and would stop none). Trials run one at a time: the
+that cannot learn), minimising the visible-joint error over 3 epochs: ASHA stops the lr-0
+trial at epoch 1 or 2 (smoke AP ties at 0 and would stop none). Trials run one at a time: the
 grid's first point finishes before the kill, so when the lr-0 trial that follows starts after
 the kill, it is stopped only if the resumed sweep's ASHA remembers the first
-(tune.ResumableASHA). Later trials (TPE's) may or may not be stopped: they are not asserted.
+(tune.ResumableASHA). If the kill catches it after its epoch-1 checkpoint, it resumes at epoch
+2, still a rung below the last epoch (3), which ASHA never stops. Later trials (TPE's) may or
+may not be stopped: they are not asserted.
 """
 from __future__ import annotations
 
@@ -212,7 +214,7 @@ def resumed(tmp_path_factory, smoke_data, ray_local):
     (storage / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     argv = [str(storage / "space.yaml"), "--config", str(SMOKE), "--storage", str(storage),
             "--num-samples", "4", *FAST, f"data.root={smoke_data}",
-            "cdkd.student.train.epochs=2", "ray.cpus_per_worker=2"]   # one trial at a time
+            "cdkd.student.train.epochs=3", "ray.cpus_per_worker=2"]   # one trial at a time
     out = storage / "runs" / "sweep"
     run_then_kill(SCRIPT, argv, storage, storage / "killed.log",
                   lambda: bool(list(out.glob("trials/*/result.json"))
@@ -240,10 +242,10 @@ def test_resume_completes_the_sweep_without_rerunning_finished_trials(resumed):
     grid = grid_trials(out)   # the grid's points come first: lr 3e-3, then lr 0
     assert grid[1] in finished and grid[2] not in finished, (grid, finished)
     assert m["trials_stopped"] == 4.0 - len(finished) >= 1.0, m
-    for d in (out / "tune" / "sweep").glob("run_trial_*"):   # ASHA's top rung is epoch 2:
+    for d in (out / "tune" / "sweep").glob("run_trial_*"):
         lines = (d / "result.json").read_text().splitlines()
         epochs = [json.loads(x).get("epoch") for x in lines]
-        if 2 in epochs:                     # a trial that trained its last epoch finished
+        if 3 in epochs:                     # a trial that trained its last epoch finished
             assert d.name.split("_")[2] in finished, d.name
     assert m["trials_finished"] == len(finished), m
 
