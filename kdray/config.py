@@ -172,6 +172,11 @@ class TrainConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"),
                      doc="device of the plain loop; auto = cuda when available (Ray Train "
                          "workers use the device Ray assigns)")
+    # A transfer set (README "Distillation that wins at demo size"): the student has labels for
+    # part of the persons, the teacher (trained on all of them) distils on the rest.
+    labelled: int = _f(0, lo=0, doc="GT labels for the first N training persons only; the others "
+                                    "form a transfer set: no task loss, and the distillation "
+                                    "terms compare every joint there (0 = all labelled)")
 
 
 @dataclass(frozen=True)

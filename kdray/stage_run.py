@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kdray.config import ConfigError, ExperimentConfig, TrainConfig, file_hash, flatten, to_dict
+from kdray.console import log
 from kdray.data.coco import load_dataset
 from kdray.data.dataset import PoseDataset, make_loader
 from kdray.data.frozen_cache import cached_loaders, ensure_cache
@@ -98,9 +99,14 @@ def build_stage(stage: Stage | str, cfg: ExperimentConfig, inputs: dict[str, str
     size, low = stage.input_size(cfg), stage.low_res(cfg)
     task.meta = pose_model_meta(stage, cfg, spec)
     task.freeze_bn = stage.model(cfg).freeze_bn
-    train_ds = train_dataset(train_recs, spec, cfg.data, low_res_size=low)  # data.shards
-    val_ds = PoseDataset(val_recs, spec, cfg.data, train=False, low_res_size=low)
     t = stage.train(cfg)
+    if 0 < t.labelled < len(train_recs):
+        log(f"{stage.name}: GT labels for the first {t.labelled} of {len(train_recs)} training "
+            f"persons; the other {len(train_recs) - t.labelled} are a transfer set (the "
+            f"teacher's supervision only)")
+    train_ds = train_dataset(train_recs, spec, cfg.data, low_res_size=low,  # data.shards
+                             labelled=t.labelled)
+    val_ds = PoseDataset(val_recs, spec, cfg.data, train=False, low_res_size=low)
     if frozen is not None:
         train_loader, val_loader = cached_loaders(frozen, t.batch_size, t.seed)
     else:

@@ -107,7 +107,9 @@ class TSDStudent(Stage):
         model, s1 = self.pose_model(cfg, spec), cfg.tsd.stage1
         lengths = None
         if s1.edge_weights == "inverse_length":
-            lengths = tsd.mean_edge_lengths(_normalised_keypoints(train_records), spec.skeleton)
+            labelled = cfg.student.train.labelled or len(train_records)  # not the hidden ones
+            lengths = tsd.mean_edge_lengths(_normalised_keypoints(train_records[:labelled]),
+                                            spec.skeleton)
         return TSDStage1Task(model, nets.get("teacher"), s1,
                              torch.tensor(spec.skeleton, dtype=torch.long),
                              tsd.edge_weights(spec.skeleton, s1.edge_weights, lengths))

@@ -14,7 +14,7 @@ from torch import nn
 
 from kdray.codecs.simcc import SOFTMAX_SCALE, soft_argmax
 from kdray.config import CDKDConfig, TSDStage1Config, TSDStage2Config
-from kdray.data.dataset import normalize
+from kdray.data.dataset import distillation_mask, normalize
 from kdray.losses import cdkd as cdkd_losses
 from kdray.losses import etht
 from kdray.losses import tsd
@@ -124,7 +124,7 @@ class TSDStage1Task(SimCCTask):
         if self.teacher is not None:
             with torch.no_grad():
                 t = self.teacher(images)
-            mask = batch["target_weight"] > 0
+            mask = distillation_mask(batch)
             if self.cfg.feature:
                 l_fea = tsd.feature_mse(s["feats"][-1].float(), t["feats"][-1].float(),
                                         self.adapter)
@@ -148,7 +148,8 @@ class TSDStage2Task(_Task):
     """TSD stage 2, Eqs. (6)-(7): the IGP-GCN learns on the frozen student.
 
     Supervision: the teacher's pose (``mode='teacher'``) or the ground truth (``'gt'``, Table IV
-    row s1). Only GT-labelled joints count (the mask M of Eq. (6)). The student sees ``view``
+    row s1). Only GT-labelled joints count (the mask M of Eq. (6); with the teacher, every
+    joint of a transfer-set person: ``kdray.data.dataset.distillation_mask``). The student sees ``view``
     (``image``, or ``image_low`` for a low-resolution CDKD student); the teacher always sees
     ``image`` (of ``image_size`` (H, W)) and decodes with its own codec. Both poses are compared
     in crop-normalised [0, 1] units, which the two views share (the same warp).
@@ -196,7 +197,8 @@ class TSDStage2Task(_Task):
     def forward(self, batch: dict, progress) -> dict:
         poses = self.model.refine(**self._inputs(batch), flip_test=False)["poses"]
         target = self._target(batch)
-        mask = batch["target_weight"] > 0
+        mask = (batch["target_weight"] > 0 if self.cfg.mode == "gt"
+                else distillation_mask(batch))
         blocks = [tsd.gcn_block_loss(p, target, mask) for p in poses]
         loss = tsd.stage2_loss(blocks, (self.cfg.delta, self.cfg.lam, self.cfg.xi))
         return {"loss": loss, **{f"loss_gcn{i + 1}": b for i, b in enumerate(blocks)}}
@@ -259,7 +261,7 @@ class CDKDTask(_Task):
             tau = self._value(self.tau, self.cfg.tau_init, strength)
             l_logit = terms["loss_logit"] = cdkd_losses.cca_logit_loss(
                 s_lx, s_ly, t["logits_x"].float(), t["logits_y"].float(), tau,
-                batch["target_weight_low"], scale=SOFTMAX_SCALE)
+                distillation_mask(batch, "_low").float(), scale=SOFTMAX_SCALE)
         alpha = self._value(self.alpha, self.cfg.alpha, strength)
         beta = self._value(self.beta, self.cfg.beta, strength)
         loss = cdkd_losses.cdkd_total_loss(l_ori, l_fea, l_logit, alpha, beta)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kdray.config import CDKDConfig, TSDStage1Config, TSDStage2Config
+from kdray.data.dataset import normalize
 from kdray.nn.igp_gcn import IGPGCN
 from kdray.nn.refined import gcn_feature_channels
 from kdray.tasks import CDKDTask, SimCCTask, TSDStage1Task, TSDStage2Task
@@ -123,14 +124,14 @@ def cdkd(etht=(), teacher=True):
     return task.train(), student, t
 
 
-def cca_by_hand(s, t, tau):
+def cca_by_hand(s, t, tau, weight=WEIGHT_LOW):
     """CDKD Eqs. (6)-(7) for the integer bin ratio 2: student bin j gets teacher bins 2j, 2j+1."""
     total = 0
     for a in "xy":
         pt = log_softmax(t[f"logits_{a}"], tau).exp()
         merged = pt.view(*pt.shape[:-1], -1, 2).sum(-1)
         kl = (merged * (merged.log() - log_softmax(s[f"logits_{a}"], tau))).sum(-1)
-        total = total + tau ** 2 * (kl * WEIGHT_LOW).sum(1).mean()
+        total = total + tau ** 2 * (kl * weight).sum(1).mean()
     return total
 
 
@@ -185,3 +186,37 @@ def test_cdkd_baseline_without_teacher_trains_the_student_alone():
     close(out["loss_ori"], kl_by_hand(outputs(student, batch["image_low"]), batch, "_low"))
     close(out["loss"], out["loss_ori"], rtol=0, atol=0)
     assert step_and_check(task, batch, {"model": student}, []) == []
+
+
+# ---- a transfer set (TrainConfig.labelled) ------------------------------------------------------
+def test_a_transfer_person_has_no_task_loss_and_is_distilled_on_every_joint():
+    """Sample 1 is a transfer-set person: its target weights are 0 (PoseDataset hides them), so
+    the task losses see sample 0 alone, while every distillation term compares all of sample
+    1's joints (``distillation_mask``) and sample 0's labelled ones, as in the papers."""
+    batch = make_batch()
+    batch["transfer"] = torch.tensor([0.0, 1.0])
+    for key in ("target_weight", "target_weight_low"):
+        batch[key][1] = 0.0
+    kd_mask, kd_mask_low = WEIGHT.clone(), WEIGHT_LOW.clone()
+    kd_mask[1], kd_mask_low[1] = 1.0, 1.0
+
+    student, teacher = nets()
+    task = TSDStage1Task(student, teacher, TSDStage1Config(), torch.tensor(SKELETON),
+                         torch.full((3,), 1 / 3)).train()
+    out = task(batch, PROGRESS)
+    s, t = outputs(student, batch["image"]), outputs(teacher, batch["image"])
+    close(out["loss_kl"], kl_by_hand(s, batch))
+    close(out["loss_pose"], l1_by_hand(soft_xy(s), soft_xy(t), kd_mask))
+    assert kl_by_hand(s, batch) != kl_by_hand(s, make_batch())       # sample 1 left the KL
+
+    task, student, teacher = cdkd()
+    out = task(batch, PROGRESS)
+    s, t = outputs(student, batch["image_low"]), outputs(teacher, batch["image"])
+    close(out["loss_ori"], kl_by_hand(s, batch, "_low"))
+    close(out["loss_logit"], cca_by_hand(s, t, 4.0, kd_mask_low))
+
+    task, student, teacher, _ = stage2("teacher", low=False)
+    out = task(batch, PROGRESS)
+    target = argmax_xy(outputs(teacher, batch["image"]), HI)
+    poses = task.model.refine(images=normalize(batch["image"]), flip_test=False)["poses"]
+    close(out["loss_gcn3"], l1_by_hand(poses[2], target, kd_mask))

@@ -20,7 +20,8 @@ from kdray.data.coco import PersonRecord, read_image
 from kdray.data.keypoints import KeypointSpec
 from kdray.data.transforms import CropParams, sample_crop, transform_points, warp
 
-__all__ = ["PoseDataset", "SeededSampler", "make_loader", "normalize", "seed_worker"]
+__all__ = ["PoseDataset", "SeededSampler", "distillation_mask", "make_loader", "normalize",
+           "seed_worker"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,13 +37,17 @@ class PoseDataset(Dataset):
     (CDKD) also image_low uint8 (3, h, w), keypoints_low, target_x_low, target_y_low,
     target_weight_low, from the same crop parameters. ``data_cfg.sigma`` (bins) applies at
     ``data_cfg.input_size`` and is scaled per axis for other sizes (``sigma_low`` overrides).
+    With ``labelled`` = N > 0 (``TrainConfig.labelled``) every item also has ``transfer``
+    float32 (): 1 for the persons from index N on, whose labels are hidden (target weights 0,
+    so no task loss; see :func:`distillation_mask`), 0 for the labelled ones.
     """
 
     def __init__(self, records: Sequence[PersonRecord], spec: KeypointSpec, data_cfg,
                  train: bool, input_size: tuple[int, int] | None = None,
                  low_res_size: tuple[int, int] | None = None,
-                 sigma_low: float | tuple[float, float] | None = None):
+                 sigma_low: float | tuple[float, float] | None = None, labelled: int = 0):
         self.records = list(records)
+        self.labelled = int(labelled)
         self.spec = spec
         self.cfg = data_cfg
         self.train = bool(train)
@@ -90,6 +95,13 @@ class PoseDataset(Dataset):
             index=torch.tensor(index, dtype=torch.int64),
             image_id=torch.tensor(rec.image_id, dtype=torch.int64),
             bbox_score=torch.tensor(rec.score, dtype=torch.float32))
+        if self.labelled:
+            transfer = index >= self.labelled
+            item["transfer"] = torch.tensor(float(transfer))
+            if transfer:
+                for key in ("target_weight", "target_weight_low"):
+                    if key in item:
+                        item[key] = torch.zeros_like(item[key])
         return item
 
     def load_source(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -117,6 +129,16 @@ class PoseDataset(Dataset):
         if not suffix:
             out["visible"] = torch.from_numpy(vis)
         return {k + suffix: v for k, v in out.items()}
+
+
+def distillation_mask(batch: dict, suffix: str = "") -> torch.Tensor:
+    """(B, K) bool: the joints a distillation term compares. The papers' mask M, the
+    GT-labelled joints, for a labelled person; every joint of a transfer-set person (``transfer``
+    = 1), whose only supervision is the teacher."""
+    mask = batch["target_weight" + suffix] > 0
+    if "transfer" in batch:
+        mask = mask | (batch["transfer"] > 0)[:, None]
+    return mask
 
 
 def _compose_inverse(m: np.ndarray, a: np.ndarray) -> np.ndarray:

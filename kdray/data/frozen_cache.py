@@ -11,7 +11,8 @@ per (dataset, stage-1 student, teacher, augmentation schedule) and every GCN tri
                                    RefinedPoseModel.frozen_inputs returns them (p_init (K*3),
                                    feat0..feat2 (C*h*w each, coarse -> fine)), keypoints (K*2
                                    crop px), target_weight (K), teacher_xy (K*2 normalised;
-                                   TSDStage2Task.teacher_pose, when a teacher is given)
+                                   TSDStage2Task.teacher_pose, when a teacher is given),
+                                   transfer (with TrainConfig.labelled)
     <dir>/val.parquet              the un-augmented val crops (p_init with the flip test when
                                    ``flip_test``), plus center/scale for the back-transform
     <dir>/meta.json                shapes and what the cache was built from
@@ -86,6 +87,8 @@ def _outputs(task, teacher, ds, keys, flip_test, batch_size, num_workers) -> dic
         out = {**model.frozen_inputs(view, flip_test=flip_test),
                "keypoints": batch["keypoints"], "target_weight": batch["target_weight"],
                "center": batch["center"], "scale": batch["scale"], "index": batch["index"]}
+        if "transfer" in batch:  # a transfer-set person (TrainConfig.labelled)
+            out["transfer"] = batch["transfer"]
         if teacher is not None:  # the target of stage 2 in mode 'teacher'
             out["teacher_xy"] = task.teacher_pose(images)
         for k, v in out.items():

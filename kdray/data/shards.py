@@ -202,12 +202,15 @@ def use_shards(data_cfg, n_records: int) -> bool:
 
 
 def train_dataset(records: Sequence[PersonRecord], spec: KeypointSpec, data_cfg,
-                  low_res_size=None, workers: int = 1) -> PoseDataset:
-    """The training dataset ``data.shards`` asks for: shard-backed or the JPEG path."""
+                  low_res_size=None, workers: int = 1, labelled: int = 0) -> PoseDataset:
+    """The training dataset ``data.shards`` asks for: shard-backed or the JPEG path
+    (``labelled``: see :class:`PoseDataset`)."""
     if not use_shards(data_cfg, len(records)):
-        return PoseDataset(records, spec, data_cfg, train=True, low_res_size=low_res_size)
+        return PoseDataset(records, spec, data_cfg, train=True, low_res_size=low_res_size,
+                           labelled=labelled)
     path = build_shards(records, spec, data_cfg, workers=max(workers, data_cfg.num_workers))
-    return ShardDataset(path, spec, data_cfg, train=True, low_res_size=low_res_size)
+    return ShardDataset(path, spec, data_cfg, train=True, low_res_size=low_res_size,
+                        labelled=labelled)
 
 
 def _read_file(path: Path, num_joints: int) -> dict:

@@ -72,7 +72,8 @@ def frozen_outputs(p, inputs: dict) -> Path:
     cfg, t = p.cfg, p.cfg.tsd.stage2.train
     used = {n: inputs[n] for n in TSD_REFINED.inputs(cfg)}
     key = config_hash("frozen", dataclasses.replace(cfg.data, num_workers=0),
-                      {n: r.key for n, r in sorted(used.items())}, t.seed, t.flip_test)
+                      {n: r.key for n, r in sorted(used.items())}, t.seed, t.flip_test,
+                      t.labelled)
     path = p.cache / f"frozen-{key}"
     with _lock(p.cache / f"frozen-{key}.lock"):
         t0 = time.perf_counter()

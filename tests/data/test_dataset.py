@@ -10,7 +10,8 @@ import torch
 
 from kdray.config import DataConfig
 from kdray.data.coco import load_coco
-from kdray.data.dataset import PoseDataset, SeededSampler, make_loader, normalize
+from kdray.data.dataset import (PoseDataset, SeededSampler, distillation_mask, make_loader,
+                                normalize)
 from kdray.data.keypoints import COCO
 from kdray.data.transforms import back_to_image, box_to_center_scale
 
@@ -24,10 +25,10 @@ def coco(real_data):
     return records, spec
 
 
-def _ds(coco, train=True, low=LO, **cfg):
+def _ds(coco, train=True, low=LO, labelled=0, **cfg):
     records, spec = coco
     return PoseDataset(records, spec, dataclasses.replace(DataConfig(), **cfg), train=train,
-                       input_size=HI, low_res_size=low)
+                       input_size=HI, low_res_size=low, labelled=labelled)
 
 
 def test_item_contract(coco):
@@ -52,6 +53,27 @@ def test_item_contract(coco):
     w = item["target_weight"] > 0
     torch.testing.assert_close(item["target_x"][w].sum(-1), torch.ones(int(w.sum())))
     assert set(_ds(coco, low=None)[0]) == {n for n in expected if not n.endswith("_low")}
+
+
+def test_a_transfer_set_hides_the_labels_of_the_persons_after_the_first_n(coco):
+    """TrainConfig.labelled = 2: persons 0-1 keep their targets; from person 2 on the crop and
+    its targets' positions are unchanged but every target weight is 0 and ``transfer`` is 1."""
+    full, part = _ds(coco), _ds(coco, labelled=2)
+    assert "transfer" not in full[(0, 7)]
+    for i in range(4):
+        a, b = full[(i, 7)], part[(i, 7)]
+        assert b["transfer"].item() == float(i >= 2)
+        assert set(b) == set(a) | {"transfer"}
+        for key in ("image", "image_low", "target_x", "keypoints"):
+            assert torch.equal(a[key], b[key]), key
+        for key in ("target_weight", "target_weight_low"):
+            assert torch.equal(b[key], a[key] if i < 2 else torch.zeros_like(a[key])), key
+        assert (a["target_weight"] > 0).any()
+    batch = {"target_weight": torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]]),
+             "transfer": torch.tensor([0.0, 1.0])}
+    assert distillation_mask(batch).tolist() == [[True, False, True], [True, True, True]]
+    del batch["transfer"]
+    assert distillation_mask(batch).tolist() == [[True, False, True], [False, False, False]]
 
 
 def test_eval_items_are_plain_crops_that_map_back(coco):
