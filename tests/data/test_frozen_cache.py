@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdray.config import load_config
+from kdray.config import load_config, with_overrides
 from kdray.data.frozen_cache import FrozenOutputs, epoch_shard, read_shard
 from kdray.inference import model_from_checkpoint
 from kdray.nn.refined import gcn_feature_indices
@@ -82,3 +82,20 @@ def test_gcn_on_cache_trains_like_recomputing(frozen):
     assert cached.metrics["val_AP"] == pytest.approx(direct.metrics["val_AP"], abs=1e-3)
     assert cached.metrics["val_err_occluded"] == pytest.approx(direct.metrics["val_err_occluded"],
                                                                rel=1e-3, nan_ok=True)
+
+
+def test_a_transfer_set_reaches_the_cache_and_trains_like_recomputing(frozen):
+    """tsd.stage2.train.labelled = 16 of 32: the cache keeps each row's ``transfer`` flag and
+    the hidden target weights (0), so the GCN on the cache is distilled on the same joints as
+    one that recomputes the networks."""
+    cfg, inputs, _, tmp = frozen
+    cfg = with_overrides(cfg, {"tsd.stage2.train.labelled": 16})
+    cache = build_frozen_cache(cfg, inputs, tmp / "cache-transfer")
+    rows = read_shard(epoch_shard(cache, 1))
+    assert rows["transfer"].tolist() == [0.0] * 16 + [1.0] * 16
+    assert float(rows["target_weight"][16:].abs().sum()) == 0.0
+    assert float(rows["target_weight"][:16].sum()) > 0
+    direct = run_stage("gcn", cfg, tmp / "direct-transfer", inputs)
+    cached = run_stage("gcn", cfg, tmp / "cached-transfer", inputs, frozen=cache)
+    for a, b in zip(direct.history, cached.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
