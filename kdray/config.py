@@ -175,8 +175,10 @@ class TrainConfig:
     # A transfer set (README "Distillation that wins at demo size"): the student has labels for
     # part of the persons, the teacher (trained on all of them) distils on the rest.
     labelled: int = _f(0, lo=0, doc="GT labels for the first N training persons only; the others "
-                                    "form a transfer set: no task loss, and the distillation "
-                                    "terms compare every joint there (0 = all labelled)")
+                                    "form a transfer set with no task loss, where a student's "
+                                    "pose and logit distillation terms (and a GCN's teacher "
+                                    "target) cover every joint; a refinement stage needs its "
+                                    "student's value (0 = all labelled)")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ def build_stage(stage: Stage | str, cfg: ExperimentConfig, inputs: dict[str, str
     """The stage's task, loaders and evaluator. ``frozen``: a TSD refinement reads the frozen
     networks' outputs from this cache (:func:`build_frozen_cache`) instead of running them."""
     stage, inputs = kind(stage), inputs or {}
+    stage.check(cfg)
     missing = [r for r in stage.inputs(cfg) if r not in inputs]
     if missing:
         raise ValueError(f"stage {stage.name!r} needs checkpoints for {missing}")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kdray.codecs.simcc import SimCCCodec, sigma_for_size
-from kdray.config import ExperimentConfig, ModelConfig, TrainConfig, get_dotted
+from kdray.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig, get_dotted
 from kdray.data.keypoints import KeypointSpec
 from kdray.losses import tsd
 from kdray.nn.igp_gcn import IGPGCN
@@ -81,6 +81,9 @@ class Stage:
         depend on what ran earlier in the process (a Ray worker vs the plain loop)."""
         return self.train(cfg).seed
 
+    def check(self, cfg: ExperimentConfig) -> None:
+        """Raise ConfigError for a config this kind cannot run (checked before any stage)."""
+
     def build_task(self, cfg: ExperimentConfig, spec: KeypointSpec, train_records,
                    nets: dict[str, nn.Module]) -> nn.Module:
         raise NotImplementedError
@@ -125,6 +128,16 @@ class Refinement(Stage):
     def sections(self, cfg):
         return {"tsd.stage2": cfg.tsd.stage2, self.model_key: self.model(cfg),
                 **({self.size_key: self.input_size(cfg)} if self.low_res(cfg) else {})}
+
+    def check(self, cfg):
+        """The GCN learns on the persons its student learnt on: with another transfer set it
+        would be taught the labels its student never saw (or miss ones it did)."""
+        mine = self.train_key + ".labelled"
+        theirs = self.model_key.removesuffix(".model") + ".train.labelled"
+        if get_dotted(cfg, mine) != get_dotted(cfg, theirs):
+            raise ConfigError(f"{mine} = {get_dotted(cfg, mine)} differs from {theirs} = "
+                              f"{get_dotted(cfg, theirs)}: the {self.name} stage refines that "
+                              f"student and needs the same labelled persons; set both")
 
     def build_task(self, cfg, spec, train_records, nets):
         s2, student = cfg.tsd.stage2, nets["student"]

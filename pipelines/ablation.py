@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.tracker.log_artifacts([p.out / n for n in ("table.md", "table.parquet", "table.png")])
         print((p.out / "table.md").read_text(), file=sys.stderr)
 
-        stages = {(s, k): reused for r in results if r.error is None
-                  for s, k, reused in json.loads(r.metrics["stages"])}
+        stages: dict = {}   # (stage, key) -> reused by every trial that used it
+        for r in (r for r in results if r.error is None):
+            for s, k, reused in json.loads(r.metrics["stages"]):
+                stages[(s, k)] = stages.get((s, k), True) and reused
         trained = sum(not reused for reused in stages.values()) + (not teacher.reused)
         metrics = {"rows": float(len(records)), "trials": float(counts["trials"]),
                    "trials_failed": float(sum(r.error is not None for r in results)),

@@ -230,6 +230,9 @@ PIPELINE_CASES = [
     ("ablation", "config-duplicate-key",
      lambda t: ["--table", "tsd-iv", "--config", _text(t, "cfg.yaml", "data: {}\ndata: {}\n")],
      ["cfg.yaml", "data: key given twice"]),
+    ("two_stage", "transfer-sets-differ",   # refused by Stage.check before any stage runs
+     lambda t: ["--config", SMOKE, "student.train.labelled=10"],
+     ["tsd.stage2.train.labelled = 0 differs from student.train.labelled = 10", "set both"]),
     ("two_stage", "missing-teacher-inside-pipeline",
      lambda t: ["--config", SMOKE, "--teacher", str(t / "none.pt"), *REAL_COCO],
      ["none.pt", "checkpoint file not found"]),

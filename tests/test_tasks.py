@@ -208,6 +208,12 @@ def test_a_transfer_person_has_no_task_loss_and_is_distilled_on_every_joint():
     close(out["loss_kl"], kl_by_hand(s, batch))
     close(out["loss_pose"], l1_by_hand(soft_xy(s), soft_xy(t), kd_mask))
     assert kl_by_hand(s, batch) != kl_by_hand(s, make_batch())       # sample 1 left the KL
+    lengths = {}
+    for name, out_ in (("s", s), ("t", t)):
+        xy = soft_xy(out_)
+        lengths[name] = torch.stack([(xy[:, i] - xy[:, j]).norm(dim=-1) for i, j in SKELETON], 1)
+    valid = torch.stack([(kd_mask[:, i] > 0) & (kd_mask[:, j] > 0) for i, j in SKELETON], 1)
+    close(out["loss_cst"], ((lengths["t"] - lengths["s"]).abs() * valid).sum() / 3 / B)
 
     task, student, teacher = cdkd()
     out = task(batch, PROGRESS)
@@ -220,3 +226,9 @@ def test_a_transfer_person_has_no_task_loss_and_is_distilled_on_every_joint():
     target = argmax_xy(outputs(teacher, batch["image"]), HI)
     poses = task.model.refine(images=normalize(batch["image"]), flip_test=False)["poses"]
     close(out["loss_gcn3"], l1_by_hand(poses[2], target, kd_mask))
+
+    task, *_ = stage2("gt", low=False)       # on GT (Table IV row s1): the labelled joints only
+    out = task(batch, PROGRESS)
+    poses = task.model.refine(images=normalize(batch["image"]), flip_test=False)["poses"]
+    gt = batch["keypoints"].double() / torch.tensor([HI[1], HI[0]])
+    close(out["loss_gcn3"], l1_by_hand(poses[2], gt, batch["target_weight"]))

@@ -38,8 +38,9 @@ class PoseDataset(Dataset):
     target_weight_low, from the same crop parameters. ``data_cfg.sigma`` (bins) applies at
     ``data_cfg.input_size`` and is scaled per axis for other sizes (``sigma_low`` overrides).
     With ``labelled`` = N > 0 (``TrainConfig.labelled``) every item also has ``transfer``
-    float32 (): 1 for the persons from index N on, whose labels are hidden (target weights 0,
-    so no task loss; see :func:`distillation_mask`), 0 for the labelled ones.
+    float32 (): 1 for the persons from index N on, whose labels are hidden (read as all
+    unlabelled: target weights 0, so no task loss, and no half-body crop; see
+    :func:`distillation_mask`), 0 for the labelled ones.
     """
 
     def __init__(self, records: Sequence[PersonRecord], spec: KeypointSpec, data_cfg,
@@ -79,14 +80,18 @@ class PoseDataset(Dataset):
             # which seed_worker reseeds per worker.
             rng = np.random.default_rng(seed if seed is not None else
                                         np.random.randint(0, 2**62, dtype=np.int64))
-        crop = sample_crop(rec.bbox, rec.keypoints, self.spec, self.cfg, self.aspect_wh, rng)
+        transfer = 0 < self.labelled <= index
+        # A transfer person's labels are hidden from everything: the half-body crop, the
+        # targets (weight 0 for v = 0), the keypoints and visibility of the item.
+        keypoints = np.zeros_like(rec.keypoints) if transfer else rec.keypoints
+        crop = sample_crop(rec.bbox, keypoints, self.spec, self.cfg, self.aspect_wh, rng)
         image, to_source = self.load_source(index)  # BGR; RGB on the (smaller) crop
-        item = self._view(image, crop, rec.keypoints, self.input_size, self.codec, "", to_source)
+        item = self._view(image, crop, keypoints, self.input_size, self.codec, "", to_source)
         if self.low_res_size:
             # Warp the source again with an affine composed for the low size, rather than
             # resizing the high-res crop: one interpolation from the original pixels (no double
             # blur) and keypoints that are exactly keypoints * low/high (transforms.py).
-            item.update(self._view(image, crop, rec.keypoints, self.low_res_size,
+            item.update(self._view(image, crop, keypoints, self.low_res_size,
                                    self.codec_low, "_low", to_source))
         item.update(
             center=torch.from_numpy(np.asarray(crop.center, np.float32)),
@@ -96,12 +101,7 @@ class PoseDataset(Dataset):
             image_id=torch.tensor(rec.image_id, dtype=torch.int64),
             bbox_score=torch.tensor(rec.score, dtype=torch.float32))
         if self.labelled:
-            transfer = index >= self.labelled
             item["transfer"] = torch.tensor(float(transfer))
-            if transfer:
-                for key in ("target_weight", "target_weight_low"):
-                    if key in item:
-                        item[key] = torch.zeros_like(item[key])
         return item
 
     def load_source(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:

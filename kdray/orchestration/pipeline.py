@@ -178,9 +178,12 @@ class Pipeline:
     def expect(self, plan: list[tuple[Stage, ExperimentConfig | None]]) -> float:
         """Say before the first stage how long the stages of ``plan`` (stage, config or None
         for the pipeline's) will take on this machine, from a few timed steps of each network
-        (kdray/orchestration/estimate.py). Returns the seconds."""
+        (kdray/orchestration/estimate.py), after checking that each can run (``Stage.check``).
+        Returns the seconds."""
         from kdray.orchestration.estimate import expected_seconds
         plan = [(s, self.cfg if c is None else resolve_config(c, self.storage)) for s, c in plan]
+        for s, c in plan:
+            s.check(c)
         secs = expected_seconds(plan, *_persons(self.cfg))
         self.expected = sum(secs)
         parts = ", ".join(f"{s.name} ~{clock(x)}" for (s, _), x in zip(plan, secs))

@@ -30,7 +30,7 @@ from kdray.stages import TSD_REFINED
 # A GCN trial can read the frozen networks' cached outputs unless it changes what they are.
 FROZEN_CHANGERS = ("data.", "teacher.", "student.", "tsd.stage1.", "tsd.stage2.mode",
                    "tsd.stage2.train.seed", "tsd.stage2.train.epochs",
-                   "tsd.stage2.train.flip_test")
+                   "tsd.stage2.train.flip_test", "tsd.stage2.train.labelled")
 
 
 def uses_frozen_cache(space: SearchSpace) -> bool:

@@ -56,19 +56,28 @@ def test_item_contract(coco):
 
 
 def test_a_transfer_set_hides_the_labels_of_the_persons_after_the_first_n(coco):
-    """TrainConfig.labelled = 2: persons 0-1 keep their targets; from person 2 on the crop and
-    its targets' positions are unchanged but every target weight is 0 and ``transfer`` is 1."""
-    full, part = _ds(coco), _ds(coco, labelled=2)
+    """TrainConfig.labelled = 2: persons 0-1 are unchanged; from person 2 on the crop is the
+    same (no half-body here) but the labels are hidden: every target weight and visibility is 0
+    and ``transfer`` is 1. With half-body crops on, a transfer person never gets one (it would
+    be drawn from the hidden joints)."""
+    full, part = _ds(coco, half_body_prob=0.0), _ds(coco, labelled=2, half_body_prob=0.0)
     assert "transfer" not in full[(0, 7)]
     for i in range(4):
         a, b = full[(i, 7)], part[(i, 7)]
         assert b["transfer"].item() == float(i >= 2)
         assert set(b) == set(a) | {"transfer"}
-        for key in ("image", "image_low", "target_x", "keypoints"):
+        for key in ("image", "image_low", "center", "scale"):
             assert torch.equal(a[key], b[key]), key
-        for key in ("target_weight", "target_weight_low"):
+        hidden = ("target_weight", "target_weight_low", "visible")
+        for key in (*hidden, "keypoints") if i < 2 else hidden:
             assert torch.equal(b[key], a[key] if i < 2 else torch.zeros_like(a[key])), key
         assert (a["target_weight"] > 0).any()
+    fixed = {"scale_range": (1.0, 1.0)}
+    half = _ds(coco, labelled=2, half_body_prob=1.0, **fixed)
+    whole = _ds(coco, labelled=2, half_body_prob=0.0, **fixed)
+    for i in range(4):
+        a, b = half[(i, 7)]["scale"], whole[(i, 7)]["scale"]
+        assert bool((a < b).all()) if i < 2 else torch.equal(a, b), i  # half-body: smaller
     batch = {"target_weight": torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]]),
              "transfer": torch.tensor([0.0, 1.0])}
     assert distillation_mask(batch).tolist() == [[True, False, True], [True, True, True]]
