@@ -85,11 +85,11 @@ def test_gcn_on_cache_trains_like_recomputing(frozen):
 
 
 def test_a_transfer_set_reaches_the_cache_and_trains_like_recomputing(frozen):
-    """tsd.stage2.train.labelled = 16 of 32: the cache keeps each row's ``transfer`` flag and
-    the hidden target weights (0), so the GCN on the cache is distilled on the same joints as
-    one that recomputes the networks."""
+    """tsd.stage2.train.labelled = 16 of 32 (and the student's, which Stage.check asks for):
+    the cache keeps each row's ``transfer`` flag and the hidden target weights (0), so the GCN
+    on the cache is distilled on the same joints as one that recomputes the networks."""
     cfg, inputs, _, tmp = frozen
-    cfg = with_overrides(cfg, {"tsd.stage2.train.labelled": 16})
+    cfg = with_overrides(cfg, {"tsd.stage2.train.labelled": 16, "student.train.labelled": 16})
     cache = build_frozen_cache(cfg, inputs, tmp / "cache-transfer")
     rows = read_shard(epoch_shard(cache, 1))
     assert rows["transfer"].tolist() == [0.0] * 16 + [1.0] * 16
