@@ -110,7 +110,7 @@ class TSDStudent(Stage):
         model, s1 = self.pose_model(cfg, spec), cfg.tsd.stage1
         lengths = None
         if s1.edge_weights == "inverse_length":
-            labelled = cfg.student.train.labelled or len(train_records)  # not the hidden ones
+            labelled = self.train(cfg).labelled or len(train_records)  # not the hidden ones
             lengths = tsd.mean_edge_lengths(_normalised_keypoints(train_records[:labelled]),
                                             spec.skeleton)
         return TSDStage1Task(model, nets.get("teacher"), s1,

@@ -149,10 +149,10 @@ class TSDStage2Task(_Task):
 
     Supervision: the teacher's pose (``mode='teacher'``) or the ground truth (``'gt'``, Table IV
     row s1). Only GT-labelled joints count (the mask M of Eq. (6); with the teacher, every
-    joint of a transfer-set person: ``kdray.data.dataset.distillation_mask``). The student sees ``view``
-    (``image``, or ``image_low`` for a low-resolution CDKD student); the teacher always sees
-    ``image`` (of ``image_size`` (H, W)) and decodes with its own codec. Both poses are compared
-    in crop-normalised [0, 1] units, which the two views share (the same warp).
+    joint of a transfer-set person: ``kdray.data.dataset.distillation_mask``). The student sees
+    ``view`` (``image``, or ``image_low`` for a low-resolution CDKD student); the teacher always
+    sees ``image`` (of ``image_size`` (H, W)) and decodes with its own codec. Both poses are
+    compared in crop-normalised [0, 1] units, which the two views share (the same warp).
 
     A batch from the frozen-output cache (kdray.data.frozen_cache) carries the student's
     outputs under ``RefinedPoseModel.frozen_keys`` (the model accepts them instead of images)

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         print((p.out / "table.md").read_text(), file=sys.stderr)
 
         stages: dict = {}   # (stage, key) -> reused by every trial that used it
-        for r in (r for r in results if r.error is None):
-            for s, k, reused in json.loads(r.metrics["stages"]):
+        for r in results:
+            for s, k, reused in json.loads(r.metrics["stages"]) if r.error is None else ():
                 stages[(s, k)] = stages.get((s, k), True) and reused
         trained = sum(not reused for reused in stages.values()) + (not teacher.reused)
         metrics = {"rows": float(len(records)), "trials": float(counts["trials"]),
